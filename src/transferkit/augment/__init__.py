@@ -1,0 +1,1 @@
+"""Pure transforms: per-image stacks, batch mixing, text, test-time views. Imports nothing else from transferkit."""

@@ -1,0 +1,1 @@
+"""What a pretrained network is, and how much of it trains."""

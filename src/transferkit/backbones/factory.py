@@ -1,0 +1,185 @@
+"""Build a timm backbone with a new head, and resolve the data config that travels with it.
+
+Weights come from one of three places, all through timm's own pretrained-config path so that
+timm's head handling (dropping a classifier of another size) and key filters apply:
+
+- timm's hub (``pretrained=True``);
+- a local ``.safetensors`` / ``.pth`` file (``weights=FILE``), read safely (``weights_only``);
+- nowhere, only when asked (``pretrained=False``).
+
+A model that has no pretrained weights never silently falls back to random ones.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from transferkit.errors import BackboneError, ConfigError
+
+log = logging.getLogger(__name__)
+
+_NO_WEIGHTS_HINT = ("pass --weights FILE with a local .safetensors/.pth file, or --no-pretrained"
+                    " to train from random weights")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images must look for this backbone: timm's resolved data config, plain data."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+
+    @property
+    def size(self) -> int:
+        return self.input_size[1]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def load_plugin(path: str | Path) -> None:
+    """Import a Python file that registers extra timm models (``@register_model``)."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file() or path.suffix != ".py":
+        raise BackboneError(f"--backbone-plugin {path} is not a Python file; pass the .py module that"
+                            " registers the model with timm")
+    name = "transferkit_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise BackboneError(f"--backbone-plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
+    log.info("loaded backbone plugin %s", path)
+
+
+def check_name(name: str) -> None:
+    arch = name.split(".", 1)[0]
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for names"
+    raise BackboneError(f"unknown backbone {name!r}; {hint}")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist; pass an existing .safetensors or .pth file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"weights file {path} cannot be read safely ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a .safetensors file or a"
+                            " .pth holding only tensors") from exc
+    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BackboneError(f"weights file {path} does not hold a state dict of tensors")
+    prefixes = ("module.", "model.", "backbone.")
+    for p in prefixes:
+        if sd and all(k.startswith(p) for k in sd):
+            sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def _check_fits(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Name the first tensors that do not fit; the classifier may differ (it is replaced)."""
+    own = model.state_dict()
+    head = {n for n, _ in model.get_classifier().named_parameters()} if hasattr(model, "get_classifier") else set()
+    clf_prefix = (model.pretrained_cfg or {}).get("classifier", "")
+    is_head = lambda k: bool(clf_prefix) and k.startswith(clf_prefix + ".")  # noqa: E731
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and own[k].shape != v.shape and not is_head(k)]
+    missing = [k for k in own if k not in sd and not is_head(k) and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own and not is_head(k)]
+    if bad or len(missing) > 0 or len(unexpected) > 0:
+        parts = []
+        if bad:
+            parts.append("shape mismatch: " + "; ".join(bad[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
+        del head
+        raise BackboneError(f"weights file {path} does not fit backbone {model.default_cfg.get('architecture')}"
+                            f" ({'; '.join(parts)}); pass weights saved from the same architecture")
+
+
+def _has_pretrained_source(cfg: dict) -> bool:
+    return any(cfg.get(k) for k in ("file", "state_dict", "hf_hub_id", "url"))
+
+
+def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str | Path | None = None,
+           plugin: str | Path | None = None, image_size: int | None = None,
+           drop_rate: float = 0.0) -> tuple[nn.Module, DataConfig]:
+    """Build `name` with a fresh `num_classes` head and resolve its data config.
+
+    Raises BackboneError when the name is unknown, when pretrained weights cannot be had, or
+    when a weights file does not fit.
+    """
+    if plugin:
+        load_plugin(plugin)
+    check_name(name)
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if weights:
+        path = Path(weights).expanduser()
+        sd = _read_weights(path)
+        probe = timm.create_model(name, pretrained=False)
+        _check_fits(probe, sd, path)
+        del probe
+        # timm loads a state dict given in the pretrained config; it drops a classifier whose
+        # class count differs and adapts the stem when in_chans differ.
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **kwargs)
+        log.info("loaded backbone weights from %s", path)
+    elif pretrained:
+        cfg_probe = timm.models.get_pretrained_cfg(name)
+        if cfg_probe is None or not _has_pretrained_source(cfg_probe.to_dict()):
+            raise BackboneError(f"backbone {name!r} has no pretrained weights in timm; {_NO_WEIGHTS_HINT}")
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError, ValueError, ConnectionError) as exc:
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise BackboneError(f"pretrained weights for {name!r} could not be loaded ({first}); "
+                                f"{_NO_WEIGHTS_HINT}") from exc
+    else:
+        log.warning("training %s from random weights (--no-pretrained)", name)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    return model, resolve_data_config(model, image_size)
+
+
+def resolve_data_config(model: nn.Module, image_size: int | None = None) -> DataConfig:
+    from timm.data import resolve_data_config as timm_resolve
+
+    cfg = timm_resolve({}, model=model)
+    c, h, w = cfg["input_size"]
+    if image_size is not None:
+        if image_size < 16 or image_size > 2048:
+            raise ConfigError(f"--image-size {image_size} cannot work; use a size between 16 and 2048 pixels")
+        h = w = image_size
+    return DataConfig((c, h, w), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"],
+                      float(cfg["crop_pct"]))

@@ -1,0 +1,43 @@
+"""Every mistake a user can make has a kind here.
+
+A ``UserError`` carries one line that names the problem and the fix. The CLI prints it to
+stderr and exits with code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input, with a one-line message that says what to do."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))
+
+
+class DataError(UserError):
+    """The image folder is missing, empty, has one class, or is otherwise unusable."""
+
+
+class BackboneError(UserError):
+    """Unknown backbone, pretrained weights that cannot be had, a weights file that does not fit."""
+
+
+class ConfigError(UserError):
+    """A setting that cannot work: a bad size, a bad combination of flags, an unreadable config."""
+
+
+class RunDirError(UserError):
+    """A run directory that is missing, not a run, or already holds one."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, or refuses to load safely."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class MissingExtra(UserError):
+    """An optional dependency or data package is not installed."""

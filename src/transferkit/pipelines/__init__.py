@@ -1,0 +1,1 @@
+"""The pieces put together with Lightning: data, model, training, evaluation, the run directory."""

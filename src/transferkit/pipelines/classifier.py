@@ -1,0 +1,145 @@
+"""The LightningModule: backbone + head, loss, optimizer and learning-rate schedule.
+
+Cross-cutting behaviour (checkpoints, early stopping, metrics files, weight averaging) lives in
+callbacks; this module keeps the math.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transferkit.backbones.groups import LayerGroups
+from transferkit.backbones.strategies import Plan, param_groups, set_frozen_eval
+from transferkit.errors import ConfigError, TrainingDiverged
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"          # adamw | sgd
+    lr: float = 1e-3                  # head learning rate
+    weight_decay: float = 0.05
+    layer_decay: float = 0.5
+    momentum: float = 0.9
+    schedule: str = "cosine"          # cosine | step | constant
+    warmup_epochs: float = 1.0
+    step_epochs: int = 0              # step schedule: decay every N epochs (0: a third of the run)
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.1
+    min_lr_ratio: float = 0.01        # cosine floor as a fraction of the peak
+
+
+def lr_factor(step: int, total: int, warmup: int, cfg: OptimConfig, steps_per_epoch: int) -> float:
+    """The multiplier of every group's base lr at optimizer step `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        every = max(1, cfg.step_epochs or math.ceil(total / steps_per_epoch / 3)) * steps_per_epoch
+        return cfg.step_gamma ** ((step - warmup) // every)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ImageClassifier(pl.LightningModule):
+    """A timm model trained under a fine-tuning plan.
+
+    `mixer`, when given, takes (images, labels) and returns (mixed images, soft targets); the
+    loss is then a soft-target cross-entropy.
+    """
+
+    def __init__(self, model: nn.Module, groups: LayerGroups, plan: Plan, optim: OptimConfig,
+                 num_classes: int, mixer: Callable | None = None):
+        super().__init__()
+        self.model = model
+        self.groups = groups
+        self.plan = plan
+        self.optim = optim
+        self.num_classes = num_classes
+        self.mixer = mixer
+        self._val: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            set_frozen_eval(self.model)
+        return self
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        if self.mixer is not None and getattr(self.mixer, "enabled", True):
+            x, soft = self.mixer(x, y)
+            logits = self(x)
+            loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at epoch {self.current_epoch + 1}, step"
+                f" {batch_idx + 1}; lower --lr (now {self.optim.lr:g}) or use --precision 32;"
+                " the last good checkpoint is kept")
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(y))
+        self.log("train_acc", acc, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
+        return loss
+
+    # -- validation -------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch, batch_idx):
+        x, y, idx = batch
+        logits = self(x).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        correct = (logits.argmax(-1) == y).float()
+        self._val.append(torch.stack([idx.float(), loss, correct], dim=1))
+
+    def on_validation_epoch_end(self) -> None:
+        rows = torch.cat(self._val) if self._val else torch.zeros(0, 3, device=self.device)
+        self._val = []
+        if self.trainer.world_size > 1:
+            # The distributed sampler pads ranks to equal length with repeated samples: gather
+            # every rank's rows and count each sample index once.
+            rows = self.all_gather(rows).reshape(-1, 3)
+        idx = rows[:, 0].long()
+        keep = torch.zeros_like(idx, dtype=torch.bool)
+        if len(idx):
+            order = torch.argsort(idx, stable=True)
+            first = torch.ones_like(idx, dtype=torch.bool)
+            first[1:] = idx[order][1:] != idx[order][:-1]
+            keep[order[first]] = True
+        rows = rows[keep]
+        n = max(1, len(rows))
+        self.log("val_loss", rows[:, 1].sum() / n, prog_bar=False, rank_zero_only=False)
+        self.log("val_acc", rows[:, 2].sum() / n, prog_bar=True, rank_zero_only=False)
+        self.log("val_count", float(len(rows)), rank_zero_only=False)
+
+    # -- optimizer --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        groups = param_groups(self.model, self.groups, self.plan, o.lr, o.layer_decay, o.weight_decay)
+        if o.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=o.lr)
+        elif o.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+        else:
+            raise ConfigError(f"unknown --optimizer {o.optimizer!r}; use adamw or sgd")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        per_epoch = max(1, total // epochs)
+        warmup = min(int(round(o.warmup_epochs * per_epoch)), total // 2)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, total, warmup, o, per_epoch))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

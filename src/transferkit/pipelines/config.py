@@ -1,0 +1,101 @@
+"""The one typed config that flows from the CLI through a run, saved as ``config.yaml``."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from transferkit.errors import ConfigError
+
+FINETUNE_CHOICES = ("auto", "freeze", "partial", "full")
+
+
+@dataclass
+class FitConfig:
+    data: str = ""
+    out: str | None = None
+    # backbone
+    backbone: str = "resnet50"
+    pretrained: bool = True
+    weights: str | None = None
+    backbone_plugin: str | None = None
+    image_size: int | None = None
+    # strategy
+    finetune: str = "auto"
+    trainable_groups: int = 2
+    layer_decay: float | None = None  # None: 0.5 for pretrained weights, 1.0 from random weights
+    # optimisation
+    lr: float | None = None           # None: the strategy's default
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0
+    epochs: int = 20
+    batch_size: int = 32
+    patience: int = 5
+    seed: int = 42
+    # data
+    val_fraction: float = 0.2
+    workers: int | None = None
+    strict: bool = False
+    augment: str = "default"
+    aug: list[str] = field(default_factory=list)
+    # devices, passed to Lightning
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    # run directory
+    overwrite: bool = False
+
+    def validate(self) -> "FitConfig":
+        if self.finetune not in FINETUNE_CHOICES:
+            raise ConfigError(f"unknown --finetune {self.finetune!r}; use one of {', '.join(FINETUNE_CHOICES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size} cannot work; use a positive number such as 32")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs} cannot work; use at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be positive, e.g. 1e-3")
+        if self.image_size is not None and not 16 <= self.image_size <= 2048:
+            raise ConfigError(f"--image-size {self.image_size} cannot work; use 16 to 2048 pixels")
+        if self.patience < 0:
+            raise ConfigError(f"--patience {self.patience} must be 0 (off) or more")
+        if not self.pretrained and self.weights:
+            raise ConfigError("--no-pretrained and --weights contradict each other; pass one of them")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path, extra: dict | None = None) -> None:
+        body = {"transferkit": 1, "fit": self.to_dict(), **(extra or {})}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(body, sort_keys=False))
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "FitConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source} has unknown settings: {', '.join(unknown)}; remove them or check"
+                              " their spelling against `transferkit fit --help`")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FitConfig":
+        path = Path(path)
+        try:
+            body = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass the config.yaml of a run") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(body, dict):
+            raise ConfigError(f"config file {path} does not hold settings; pass the config.yaml of a run")
+        return cls.from_dict(body.get("fit", body), source=str(path))

@@ -1,0 +1,263 @@
+"""Scan and validate an image folder, split it, and serve it as Datasets and a DataModule.
+
+Two layouts are understood:
+
+- ``DATA/<class>/*.jpg``: one folder per class; a stratified validation split is drawn;
+- ``DATA/train/<class>/...`` + ``DATA/val/<class>/...`` (+ optional ``DATA/test/<class>/...``).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.errors import DataError
+from transferkit.pipelines.images import is_image_file, load_rgb, probe_image
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+@dataclass
+class ScanResult:
+    """What a folder holds: class names, usable samples per split, and files left out."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    presplit: bool = False
+
+    def counts(self, split: str) -> dict[str, int]:
+        c = Counter(s.label for s in self.splits.get(split, []))
+        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_files(class_dir: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def _probe_all(paths: Sequence[Path], workers: int, progress: bool) -> list[str | None]:
+    """Probe files in parallel; PIL releases the GIL while decoding, so threads suffice."""
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        it = pool.map(probe_image, paths)
+        return list(tqdm(it, total=len(paths), desc="scanning images", unit="img",
+                         disable=not progress or len(paths) < 2000, leave=False))
+
+
+def _scan_split(folder: Path, classes: list[str] | None, workers: int, progress: bool):
+    class_dirs = _class_dirs(folder)
+    names = [d.name for d in class_dirs]
+    if classes is not None and names != classes:
+        missing = sorted(set(classes) - set(names))
+        extra = sorted(set(names) - set(classes))
+        raise DataError(
+            f"{folder} has different classes than the training folder"
+            f" (missing: {', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'});"
+            " give every split the same class sub-folders"
+        )
+    candidates: list[tuple[Path, int]] = []
+    skipped: list[tuple[str, str]] = []
+    for label, d in enumerate(class_dirs):
+        for p in _list_files(d):
+            if is_image_file(p):
+                candidates.append((p, label))
+            elif not p.name.startswith("."):
+                skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
+    reasons = _probe_all([p for p, _ in candidates], workers, progress)
+    samples = []
+    for (p, label), reason in zip(candidates, reasons):
+        if reason is None:
+            samples.append(Sample(str(p), label))
+        else:
+            skipped.append((str(p), reason))
+    return names, samples, skipped
+
+
+def scan_folder(root: str | Path, *, workers: int | None = None, progress: bool = True,
+                strict: bool = False) -> ScanResult:
+    """Find classes and usable images under `root`; raise DataError when it cannot be trained on."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; pass a folder with one sub-folder per class")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder; pass a folder with one sub-folder per class")
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    presplit = (root / "train").is_dir() and (root / "val").is_dir()
+    splits: dict[str, list[Sample]] = {}
+    skipped: list[tuple[str, str]] = []
+    if presplit:
+        classes, splits["train"], sk = _scan_split(root / "train", None, workers, progress)
+        skipped += sk
+        for name in ("val", "test"):
+            if (root / name).is_dir():
+                _, splits[name], sk = _scan_split(root / name, classes, workers, progress)
+                skipped += sk
+    else:
+        if (root / "train").is_dir():
+            raise DataError(f"{root} has train/ but no val/; add {root / 'val'} or pass {root / 'train'}"
+                            " itself to split it automatically")
+        classes, splits["train"], skipped = _scan_split(root, None, workers, progress)
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders; put the images of each class in a folder"
+                        " named after the class (DATA/<class>/*.jpg)")
+    if len(classes) < 2:
+        raise DataError(f"{root} has only one class ({classes[0]}); a classifier needs at least two"
+                        " class sub-folders")
+    result = ScanResult(root, classes, splits, skipped, presplit)
+    counts = result.counts("train")
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(f"class {empty[0]!r} has no usable images in {root}"
+                        f"{' (see the skipped files)' if skipped else ''}; add images or remove the folder")
+    if presplit and not splits["val"]:
+        raise DataError(f"{root / 'val'} has no usable images; add validation images or drop val/")
+    if skipped:
+        first = "; ".join(f"{p} ({r})" for p, r in skipped[:3])
+        if strict:
+            raise DataError(f"{len(skipped)} unusable file(s) in {root}, e.g. {first};"
+                            " fix or remove them, or run without --strict to leave them out")
+        log.warning("left out %d unusable file(s), e.g. %s", len(skipped), first)
+    return result
+
+
+def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split with scikit-learn so that every class keeps its share in both parts."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1 (e.g. 0.2)")
+    labels = [s.label for s in samples]
+    counts = Counter(labels)
+    n_val = max(round(val_fraction * len(samples)), len(counts))
+    if min(counts.values()) < 2 or n_val >= len(samples) - len(counts) + 1:
+        raise DataError(
+            f"too few images to hold out a stratified validation split ({min(counts.values())} in the"
+            " smallest class); add images, or give a val/ folder next to train/"
+        )
+    train, val = train_test_split(samples, test_size=n_val, stratify=labels, random_state=seed)
+    key = lambda s: (s.label, s.path)  # noqa: E731 - stable order for the saved CSVs
+    return sorted(train, key=key), sorted(val, key=key)
+
+
+def write_split_csv(path: Path, samples: Sequence[Sample], classes: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for s in samples:
+            w.writerow([s.path, classes[s.label]])
+    os.replace(tmp, path)
+
+
+def read_split_csv(path: Path, classes: Sequence[str]) -> list[Sample]:
+    index = {c: i for i, c in enumerate(classes)}
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    unknown = sorted({r["label"] for r in rows} - set(index))
+    if unknown:
+        raise DataError(f"{path} names classes the run does not know: {', '.join(unknown[:5])}")
+    return [Sample(r["path"], index[r["label"]]) for r in rows]
+
+
+def write_skipped_csv(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)
+    os.replace(tmp, path)
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label, index) triples; a file that fails to load is replaced, not fatal.
+
+    A file can pass the scan and still break later (changed on disk, a decoder edge case).
+    The epoch goes on with the next sample in its place and the path is logged once.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.failed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, i: int):
+        s = self.samples[i]
+        img = load_rgb(s.path)
+        return (self.transform(img) if self.transform else img), s.label
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for attempt in range(min(n, 20)):
+            i = (index + attempt) % n
+            try:
+                x, y = self._load(i)
+                return x, y, i
+            except (OSError, ValueError, SyntaxError) as exc:
+                path = self.samples[i].path
+                if path not in self.failed:
+                    self.failed.add(path)
+                    log.warning("could not read %s during training (%s); using another image in its place",
+                                path, exc)
+        raise DataError(f"20 images in a row failed to load near {self.samples[index].path};"
+                        " check the data folder")
+
+
+class ImageDataModule(pl.LightningDataModule):
+    def __init__(self, train: Sequence[Sample], val: Sequence[Sample], train_transform: Callable,
+                 eval_transform: Callable, batch_size: int = 32, num_workers: int = 0,
+                 test: Sequence[Sample] | None = None):
+        super().__init__()
+        self.train_ds = ImageDataset(train, train_transform)
+        self.val_ds = ImageDataset(val, eval_transform)
+        self.test_ds = ImageDataset(test, eval_transform) if test else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def _loader(self, ds: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            drop_last=drop_last,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # A last batch of one breaks BatchNorm in training mode; drop it only when it would be tiny.
+        drop = len(self.train_ds) % self.batch_size == 1 and len(self.train_ds) > self.batch_size
+        return self._loader(self.train_ds, shuffle=True, drop_last=drop)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_ds, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_ds or self.val_ds, shuffle=False)
