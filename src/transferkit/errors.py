@@ -41,3 +41,9 @@ class TrainingDiverged(UserError):
 
 class MissingExtra(UserError):
     """An optional dependency or data package is not installed."""
+
+
+class RunInterrupted(UserError):
+    """Training was stopped by SIGINT or SIGTERM; the message says how to resume."""
+
+    exit_code = 130

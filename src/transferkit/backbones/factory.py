@@ -108,14 +108,13 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _check_fits(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
     """Name the first tensors that do not fit; the classifier may differ (it is replaced)."""
     own = model.state_dict()
-    head = {n for n, _ in model.get_classifier().named_parameters()} if hasattr(model, "get_classifier") else set()
     clf_prefix = (model.pretrained_cfg or {}).get("classifier", "")
     is_head = lambda k: bool(clf_prefix) and k.startswith(clf_prefix + ".")  # noqa: E731
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
            if k in own and own[k].shape != v.shape and not is_head(k)]
     missing = [k for k in own if k not in sd and not is_head(k) and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own and not is_head(k)]
-    if bad or len(missing) > 0 or len(unexpected) > 0:
+    if bad or missing or unexpected:
         parts = []
         if bad:
             parts.append("shape mismatch: " + "; ".join(bad[:3]))
@@ -123,7 +122,6 @@ def _check_fits(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> No
             parts.append(f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
-        del head
         raise BackboneError(f"weights file {path} does not fit backbone {model.default_cfg.get('architecture')}"
                             f" ({'; '.join(parts)}); pass weights saved from the same architecture")
 
@@ -163,13 +161,30 @@ def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except (OSError, RuntimeError, ValueError, ConnectionError) as exc:
-            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            first = "; ".join(lines[:2])[:200] if lines else type(exc).__name__
             raise BackboneError(f"pretrained weights for {name!r} could not be loaded ({first}); "
                                 f"{_NO_WEIGHTS_HINT}") from exc
     else:
         log.warning("training %s from random weights (--no-pretrained)", name)
         model = timm.create_model(name, pretrained=False, **kwargs)
+    reset_head(model)
     return model, resolve_data_config(model, image_size)
+
+
+def reset_head(model: nn.Module) -> None:
+    """Start the new head near zero so that its first predictions are uniform.
+
+    Some families initialise their classifier for training from scratch (EfficientNet's uniform
+    +-1/sqrt(num_classes)); on pretrained features that gives logits of +-7 and a first epoch
+    spent unlearning them.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for m in (head.modules() if isinstance(head, nn.Module) else []):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def resolve_data_config(model: nn.Module, image_size: int | None = None) -> DataConfig:

@@ -111,20 +111,28 @@ def _fit_config(args: argparse.Namespace):
 
 
 def _cmd_fit(args) -> int:
-    from transferkit.pipelines.fit import default_out, fit
+    from transferkit.pipelines.fit import default_out, fit, resume
 
-    cfg = _fit_config(args)
-    if not cfg.out:
-        cfg.out = os.environ.get(RUN_DIR_ENV) or str(default_out(cfg.backbone))
-    os.environ[RUN_DIR_ENV] = cfg.out  # inherited by DDP child processes, which re-run this command
-    report = fit(cfg, progress=sys.stderr.isatty())
+    if args.resume:
+        extra = sorted(k for k in vars(args) if k not in ("func", "config", "resume", "verbose", "command"))
+        if extra or args.config:
+            raise UserError(f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--config'}")
+        report = resume(args.resume, progress=sys.stderr.isatty())
+        out = args.resume
+    else:
+        cfg = _fit_config(args)
+        if not cfg.out:
+            cfg.out = os.environ.get(RUN_DIR_ENV) or str(default_out(cfg.backbone))
+        os.environ[RUN_DIR_ENV] = cfg.out  # inherited by DDP child processes, which re-run this command
+        report = fit(cfg, progress=sys.stderr.isatty())
+        out = cfg.out
     if report is None:
         return 0
     ft = report["finetune"]
     print(f"fine-tuning: {ft['strategy']} ({ft['reason']})")
     print(f"val accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}"
           f"  after {report['epochs_trained']} epochs, {report['train_seconds']:.0f} s")
-    print(f"run directory: {cfg.out}")
+    print(f"run directory: {out}")
     return 0
 
 

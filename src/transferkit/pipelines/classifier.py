@@ -75,6 +75,10 @@ class ImageClassifier(pl.LightningModule):
         return self
 
     # -- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps whatever mode modules are in; make sure frozen parts run in eval mode.
+        self.train()
+
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         if self.mixer is not None and getattr(self.mixer, "enabled", True):
@@ -89,11 +93,10 @@ class ImageClassifier(pl.LightningModule):
                 f"the training loss became {loss.item()} at epoch {self.current_epoch + 1}, step"
                 f" {batch_idx + 1}; lower --lr (now {self.optim.lr:g}) or use --precision 32;"
                 " the last good checkpoint is kept")
-        acc = (logits.argmax(-1) == y).float().mean()
+        correct = (logits.argmax(-1) == y).float().sum()
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=len(y))
-        self.log("train_acc", acc, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
-        return loss
+        return {"loss": loss, "correct": correct.detach(), "count": len(y)}
 
     # -- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferkit.errors import DataError
 from transferkit.pipelines.images import is_image_file, load_rgb, probe_image
@@ -233,28 +233,80 @@ class ImageDataset(Dataset):
                         " check the data folder")
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that is a function of (seed, epoch) alone, so a resumed run sees the same order.
+
+    It also reseeds the DataLoader's generator, from which each epoch's worker seeds are drawn,
+    so worker-side augmentation is reproducible per epoch too. torch's RandomSampler draws from
+    the global generator instead, whose state a resumed process does not have.
+    """
+
+    def __init__(self, n: int, seed: int, generator: torch.Generator, epoch: int = 0):
+        self.n, self.seed, self.generator = n, seed, generator
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + 1)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class EpochSeed(pl.Callback):
+    """Seed torch, numpy and random at every epoch start from (seed, epoch).
+
+    Dropout, batch mixing and in-process augmentation then depend on the epoch, not on the
+    history of the process, which is what makes an interrupted and resumed run end where an
+    uninterrupted one does.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(epoch_seed(self.seed, trainer.current_epoch) % (2**32), workers=True, verbose=False)
+
+
 class ImageDataModule(pl.LightningDataModule):
     def __init__(self, train: Sequence[Sample], val: Sequence[Sample], train_transform: Callable,
                  eval_transform: Callable, batch_size: int = 32, num_workers: int = 0,
-                 test: Sequence[Sample] | None = None):
+                 test: Sequence[Sample] | None = None, seed: int = 0):
         super().__init__()
         self.train_ds = ImageDataset(train, train_transform)
         self.val_ds = ImageDataset(val, eval_transform)
         self.test_ds = ImageDataset(test, eval_transform) if test else None
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.seed = seed
 
-    def _loader(self, ds: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, ds: Dataset, shuffle: bool = False, drop_last: bool = False, sampler=None,
+                generator=None) -> DataLoader:
+        # Workers are not persistent: each epoch's workers take fresh seeds drawn from `generator`.
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-            drop_last=drop_last,
+            ds, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
         # A last batch of one breaks BatchNorm in training mode; drop it only when it would be tiny.
         drop = len(self.train_ds) % self.batch_size == 1 and len(self.train_ds) > self.batch_size
-        return self._loader(self.train_ds, shuffle=True, drop_last=drop)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning swaps in a DistributedSampler, itself a function of (seed, epoch).
+            return self._loader(self.train_ds, shuffle=True, drop_last=drop)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        g = torch.Generator()
+        return self._loader(self.train_ds, sampler=EpochSampler(len(self.train_ds), self.seed, g, epoch),
+                            generator=g, drop_last=drop)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_ds, shuffle=False)

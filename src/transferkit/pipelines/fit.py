@@ -14,20 +14,22 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from transferkit.augment.image import describe_train, eval_transform, parse_overrides, train_transform
 from transferkit.backbones import factory
 from transferkit.backbones.groups import layer_groups
 from transferkit.backbones.strategies import (DEFAULT_LAYER_DECAY, DEFAULT_LR, SCRATCH_LR, SGD_LR_FACTOR,
                                               apply_plan, choose_by_size, make_plan)
-from transferkit.errors import ConfigError
+from transferkit.errors import CheckpointError, ConfigError, RunInterrupted
 from transferkit.pipelines.classifier import ImageClassifier, OptimConfig
 from transferkit.pipelines.config import FitConfig
-from transferkit.pipelines.data import (ImageDataModule, ImageDataset, scan_folder, stratified_split,
-                                        write_skipped_csv, write_split_csv)
+from transferkit.pipelines.data import (EpochSeed, ImageDataModule, ImageDataset, ScanResult,
+                                        read_split_csv, scan_folder, stratified_split, write_skipped_csv,
+                                        write_split_csv)
 from transferkit.pipelines.evaluate import (classification_metrics, plot_confusion, plot_curves,
-                                            predict_proba)
-from transferkit.pipelines.run import AtomicCheckpointIO, MetricsCSV, RunDir
+                                            predict_proba, run_config)
+from transferkit.pipelines.run import AtomicCheckpointIO, MetricsCSV, RunDir, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +56,31 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def prepare(cfg: FitConfig, *, write: bool = True) -> Prepared:
-    """Validate everything that can be wrong before a single file is written."""
+def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None) -> Prepared:
+    """Validate everything that can be wrong before a single file is written.
+
+    With `resume`, the classes and splits saved in that run are used, not a new scan.
+    """
     cfg.validate()
     if write and cfg.out and RunDir(cfg.out).holds_run() and not cfg.overwrite:
         RunDir.create(cfg.out, overwrite=False)  # raises the one-line error
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    scan = scan_folder(cfg.data, strict=cfg.strict)
-    classes = scan.classes
-    if scan.presplit:
-        train, val = scan.splits["train"], scan.splits["val"]
+    if resume is not None:
+        classes = resume.classes()
+        train = read_split_csv(resume.splits / "train.csv", classes)
+        val = read_split_csv(resume.splits / "val.csv", classes)
+        test_csv = resume.splits / "test.csv"
+        test = read_split_csv(test_csv, classes) if test_csv.exists() else []
+        scan = ScanResult(Path(cfg.data), classes, {"train": train, "val": val}, [], presplit=True)
     else:
-        train, val = stratified_split(scan.splits["train"], cfg.val_fraction, cfg.seed)
-    test = scan.splits.get("test", [])
+        scan = scan_folder(cfg.data, strict=cfg.strict)
+        classes = scan.classes
+        if scan.presplit:
+            train, val = scan.splits["train"], scan.splits["val"]
+        else:
+            train, val = stratified_split(scan.splits["train"], cfg.val_fraction, cfg.seed)
+        test = scan.splits.get("test", [])
 
     model, data_cfg = factory.create(cfg.backbone, len(classes), pretrained=cfg.pretrained,
                                      weights=cfg.weights, plugin=cfg.backbone_plugin,
@@ -96,7 +109,7 @@ def prepare(cfg: FitConfig, *, write: bool = True) -> Prepared:
     eval_tf = eval_transform(size, data_cfg.mean, data_cfg.std, data_cfg.crop_pct, data_cfg.interpolation)
     workers = default_workers() if cfg.workers is None else cfg.workers
     dm = ImageDataModule(train, val, train_tf, eval_tf, batch_size=cfg.batch_size, num_workers=workers,
-                         test=test)
+                         test=test, seed=cfg.seed)
     optim = OptimConfig(optimizer=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
                         layer_decay=layer_decay, schedule=cfg.schedule,
                         warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing)
@@ -141,8 +154,12 @@ def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
     cfg = p.cfg
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(dirpath=p.run.checkpoints, filename="best", monitor="val_acc", mode="max",
-                        save_last=True, save_top_k=1, enable_version_counter=False),
+                        save_top_k=1, enable_version_counter=False),
+        # Lightning's save_last only follows an improved best; resume needs every epoch's end.
+        ModelCheckpoint(dirpath=p.run.checkpoints, filename="last", monitor=None, save_top_k=1,
+                        enable_version_counter=False),
         MetricsCSV(p.run.metrics),
+        EpochSeed(cfg.seed),
     ]
     if cfg.patience > 0:
         callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience))
@@ -164,19 +181,53 @@ def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
     )
 
 
-def fit(cfg: FitConfig, *, progress: bool = True, resume: bool = False) -> dict | None:
+def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
     """Train and write the run directory; return the report on rank 0 (None on other ranks)."""
-    child = _is_child_process()
-    p = prepare(cfg, write=not child and not resume)
+    p = prepare(cfg, write=not _is_child_process())
+    return _train(p, progress=progress)
+
+
+def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
+    """Continue an interrupted run from its last complete epoch, with its own config and splits."""
+    run = RunDir.open(run_dir)
+    if not run.checkpoint("last").exists():
+        raise CheckpointError(f"{run.checkpoint('last')} does not exist: no epoch of this run finished;"
+                              f" start it again with `transferkit fit --config {run.config} --overwrite`")
+    for stale in run.checkpoints.glob(".*.tmp"):
+        stale.unlink()  # a write cut short by a kill; the complete file it was replacing is intact
+    cfg = run_config(run)
+    cfg.out = str(run.path)
+    p = prepare(cfg, write=False, resume=run)
+    return _train(p, progress=progress, ckpt_path=run.checkpoint("last"))
+
+
+def _train(p: Prepared, *, progress: bool, ckpt_path: Path | None = None) -> dict | None:
     log.info("fine-tuning: %s (%s); trainable groups: %s", p.finetune["strategy"], p.finetune["reason"],
              ", ".join(p.finetune["trainable_groups"]))
     trainer = make_trainer(p, progress=progress)
     t0 = time.monotonic()
-    ckpt = str(p.run.checkpoint("last")) if resume else None
-    trainer.fit(p.module, datamodule=p.datamodule, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(p.module, datamodule=p.datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True)
+    except SystemExit as exc:  # Lightning turns SIGINT into sys.exit(1) and SIGTERM into SIGTERMException
+        if trainer.interrupted or isinstance(exc, SIGTERMException):
+            raise _interrupted(p.run, "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C") from None
+        raise
+    if trainer.interrupted:
+        raise _interrupted(p.run, "an interrupt")
     if not trainer.is_global_zero:
         return None
     return finish(p, trainer, time.monotonic() - t0, progress=progress)
+
+
+def _interrupted(run: RunDir, what: str) -> RunInterrupted:
+    last = run.checkpoint("last")
+    if not last.exists():
+        return RunInterrupted(f"stopped by {what} before the first epoch finished; nothing to resume,"
+                              f" start again with `transferkit fit --config {run.config} --overwrite`")
+    epoch = safe_load(last).get("epoch", 0) + 1
+    return RunInterrupted(f"stopped by {what}; {last} holds the {epoch} complete epoch(s); continue with"
+                          f" `transferkit fit --resume {run.path}`")
 
 
 def _is_child_process() -> bool:
@@ -189,8 +240,6 @@ def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = Tr
     best = run.checkpoint("best")
     if not best.exists():
         raise ConfigError(f"no checkpoint was written to {run.checkpoints}; train for at least one epoch")
-    from transferkit.pipelines.run import safe_load
-
     state = safe_load(best)["state_dict"]
     p.module.load_state_dict(state)
     loader = torch.utils.data.DataLoader(ImageDataset(p.val, p.datamodule.val_ds.transform),
@@ -199,7 +248,7 @@ def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = Tr
                                   progress=progress)
     metrics = classification_metrics(probs, labels, p.classes)
     es = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
-    mc = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+    mc = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     report = {
         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "split": "val", "checkpoint": "best",

@@ -155,32 +155,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class MetricsCSV(pl.Callback):
-    """Append one row per epoch to metrics.csv (rank 0 only); on resume, never repeat an epoch."""
+    """One row per epoch in metrics.csv (rank 0 writes); a resumed run never repeats an epoch.
+
+    The row is written when validation ends, before the epoch's checkpoint (Lightning runs
+    checkpoint callbacks last), so a checkpoint never holds an epoch that metrics.csv lacks.
+    """
 
     COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._t0 = time.monotonic()
+        self._reset()
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _reset(self) -> None:
+        self._t0 = time.monotonic()
+        self._sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # current_epoch is restored by now: drop rows of epochs the checkpoint does not hold.
         if trainer.is_global_zero and self.path.exists():
             with self.path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= trainer.current_epoch]
             self._write(rows, mode="w")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t0 = time.monotonic()
+        self._reset()
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(outputs, dict) and "count" in outputs:
+            n = float(outputs["count"])
+            self._sums += torch.tensor([float(outputs["loss"]) * n, float(outputs["correct"]), n],
+                                       dtype=torch.float64)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
             return
+        sums = self._sums.to(pl_module.device, torch.float32)
+        if trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        if not trainer.is_global_zero:
+            return
+        loss_sum, correct, n = (float(v) for v in sums)
         m = trainer.callback_metrics
         val = lambda k: f"{float(m[k]):.6g}" if k in m else ""  # noqa: E731
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else ""
-        row = {"epoch": trainer.current_epoch + 1, "train_loss": val("train_loss"),
-               "train_acc": val("train_acc"), "val_loss": val("val_loss"), "val_acc": val("val_acc"),
-               "lr": f"{lr:.6g}" if lr != "" else "", "seconds": f"{time.monotonic() - self._t0:.2f}"}
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        row = {"epoch": trainer.current_epoch + 1,
+               "train_loss": f"{loss_sum / n:.6g}" if n else "", "train_acc": f"{correct / n:.6g}" if n else "",
+               "val_loss": val("val_loss"), "val_acc": val("val_acc"),
+               "lr": f"{lr:.6g}" if lr is not None else "", "seconds": f"{time.monotonic() - self._t0:.2f}"}
         self._write([row], mode="a")
 
     def _write(self, rows: list[dict], mode: str) -> None:
@@ -190,3 +212,5 @@ class MetricsCSV(pl.Callback):
             if new:
                 w.writeheader()
             w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())

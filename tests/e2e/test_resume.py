@@ -1,0 +1,109 @@
+"""Interrupted runs end cleanly and resume to the same result; killed runs leave only whole files."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferkit.cli.main import main
+
+ARGS = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
+        "--batch-size", "8", "--epochs", "5", "--patience", "0", "--seed", "3"]
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "transferkit.cli.main", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(run: Path) -> list[dict]:
+    if not (run / "metrics.csv").exists():
+        return []
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _wait_for(pred, timeout=240.0):
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import make_color_folder
+
+    return make_color_folder(tmp_path_factory.mktemp("resume") / "data", per_class=16, size=32)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("a") / "run"
+    assert main(["fit", str(data), "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_sigint_then_resume_ends_where_an_uninterrupted_run_ends(data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn("fit", str(data), "--out", str(out), *ARGS)
+    _wait_for(lambda: len(_rows(out)) >= 2 and (out / "checkpoints/last.ckpt").exists())
+    time.sleep(0.3)  # somewhere inside the next epoch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"transferkit fit --resume {out}" in err
+    assert "Traceback" not in err
+    done = len(_rows(out))
+    assert 2 <= done < 5
+
+    assert main(["fit", "--resume", str(out)]) == 0
+    a = torch.load(uninterrupted / "checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_rows(out)) == strip(_rows(uninterrupted))
+    assert [int(r["epoch"]) for r in _rows(out)] == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_ends_cleanly_with_a_resume_hint(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn("fit", str(data), "--out", str(out), *ARGS)
+    _wait_for(lambda: len(_rows(out)) >= 1 and (out / "checkpoints/last.ckpt").exists())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    torch.load(out / "checkpoints/last.ckpt", weights_only=True)
+
+
+def test_sigkill_at_any_moment_leaves_only_complete_checkpoints(data, tmp_path):
+    out = tmp_path / "run"
+    first = True
+    for delay in (0.0, 0.4, 0.9, 1.7):
+        proc = _spawn("fit", *(["--resume", str(out)] if not first else [str(data), "--out", str(out), *ARGS]))
+        _wait_for(lambda: (out / "checkpoints/last.ckpt").exists() or proc.poll() is not None)
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate(timeout=60)
+        first = False
+        ckpts = list((out / "checkpoints").glob("*.ckpt"))
+        assert ckpts
+        for c in ckpts:
+            ck = torch.load(c, weights_only=True)  # complete, or it would not unpickle
+            assert "state_dict" in ck
+    assert main(["fit", "--resume", str(out)]) == 0
+    assert [int(r["epoch"]) for r in _rows(out)] == [1, 2, 3, 4, 5]
