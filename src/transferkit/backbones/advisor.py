@@ -22,8 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from transferkit.backbones.transferability import (PROBE_MAX_IMAGES, BatchNormInputs, logme, probe_accuracy,
-                                                   subsample)
+from transferkit.backbones.transferability import (
+    PROBE_MAX_IMAGES,
+    BatchNormInputs,
+    logme,
+    probe_accuracy,
+    subsample,
+)
 from transferkit.errors import BackboneError, DataError
 
 __all__ = ["Advice", "Measurements", "bn_shift", "decide", "extract_features", "logme", "measure",
@@ -253,6 +258,13 @@ def measure(model: nn.Module, loader, *, device="cpu", stages: str | Sequence[in
     the decision reads them), ``"all"`` always, a sequence of stage indices only those, ``None``
     never.
     """
+    return measure_with_features(model, loader, device=device, stages=stages, progress=progress, seed=seed)[0]
+
+
+def measure_with_features(model: nn.Module, loader, *, device="cpu",
+                          stages: str | Sequence[int] | None = "auto", progress: bool = True,
+                          seed: int = 0) -> tuple[Measurements, np.ndarray, np.ndarray]:
+    """`measure`, also returning the pooled features and labels of its pass, for reuse."""
     if isinstance(stages, str) and stages not in ("auto", "all"):
         raise ValueError(f"stages must be 'auto', 'all', None or stage indices, got {stages!r}")
     start = time.perf_counter()
@@ -281,7 +293,7 @@ def measure(model: nn.Module, loader, *, device="cpu", stages: str | Sequence[in
                      seconds=time.perf_counter() - start)
     logger.info("advisor measured %d images in %.1f s: probe %s, LogME %.3f, BN shift %s",
                 m.num_images, m.seconds, probe["logreg"], score, run.bn_shift)
-    return m
+    return m, run.features, run.labels
 
 
 # --- The decision ------------------------------------------------------------------------------

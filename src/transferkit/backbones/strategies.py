@@ -4,6 +4,8 @@
   loaded, because frozen modules run in eval mode (`set_frozen_eval`).
 - partial: the top K backbone groups train too; everything below is frozen as above.
 - full: everything trains.
+- lp-ft: a linear probe on the frozen backbone first, then full fine-tuning from that head
+  (Kumar et al. 2022): a good head keeps the first full steps from distorting the features.
 
 Trained backbone groups get layer-wise decayed learning rates: the head gets `lr`, the top
 backbone group `lr * decay`, the next `lr * decay**2`, and so on down to the stem. With the
@@ -19,7 +21,7 @@ from torch import nn
 from transferkit.backbones.groups import LayerGroups
 from transferkit.errors import ConfigError
 
-STRATEGIES = ("freeze", "partial", "full")
+STRATEGIES = ("freeze", "partial", "full", "lp-ft")
 DEFAULT_LAYER_DECAY = 0.5
 DEFAULT_TRAINABLE_GROUPS = 2
 
@@ -29,11 +31,6 @@ DEFAULT_TRAINABLE_GROUPS = 2
 DEFAULT_LR = {"freeze": 1e-2, "partial": 3e-3, "full": 1e-3, "lp-ft": 1e-3}
 SCRATCH_LR = 3e-3  # random weights: one rate for every layer
 SGD_LR_FACTOR = 10.0  # SGD with momentum takes steps about 10x larger than AdamW for the same effect
-
-# The size-only rule of `choose_by_size` (median images per class).
-SMALL_PER_CLASS = 200
-LARGE_PER_CLASS = 1000
-
 
 @dataclass
 class Plan:
@@ -50,18 +47,6 @@ class Plan:
                 "frozen_groups": [lab for i, lab in enumerate(self.labels) if i not in self.trainable]}
 
 
-def choose_by_size(per_class_median: float) -> tuple[str, str]:
-    """Strategy from dataset size alone, for when nothing has been measured."""
-    n = per_class_median
-    if n < SMALL_PER_CLASS:
-        return "freeze", (f"{n:g} images per class (median) < {SMALL_PER_CLASS}: small -> freeze the"
-                          " backbone and train a new head")
-    if n < LARGE_PER_CLASS:
-        return "partial", (f"{n:g} images per class (median) between {SMALL_PER_CLASS} and"
-                           f" {LARGE_PER_CLASS}: medium -> fine-tune the top groups")
-    return "full", f"{n:g} images per class (median) >= {LARGE_PER_CLASS}: large -> fine-tune everything"
-
-
 def make_plan(strategy: str, groups: LayerGroups, trainable_groups: int = DEFAULT_TRAINABLE_GROUPS,
               reason: str = "") -> Plan:
     n = len(groups)
@@ -76,7 +61,7 @@ def make_plan(strategy: str, groups: LayerGroups, trainable_groups: int = DEFAUL
     elif strategy in ("full", "lp-ft"):
         trainable = list(range(n))
     else:
-        raise ConfigError(f"unknown --finetune {strategy!r}; use one of freeze, partial, full, auto")
+        raise ConfigError(f"unknown --finetune {strategy!r}; use one of freeze, partial, full, lp-ft, auto")
     return Plan(strategy, trainable, reason or f"--finetune {strategy}", labels)
 
 

@@ -1,21 +1,18 @@
-"""`transferkit` command line: parse arguments into configs, call pipelines, print results."""
+"""`transferkit` command line: parse arguments into configs, call pipelines, print results.
+
+Each command lives in its own module here; this one builds the parser and turns user errors
+into one line on stderr and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import warnings
-from pathlib import Path
 
+from transferkit.cli import augment, evaluate, fit
+from transferkit.cli.common import Formatter
 from transferkit.errors import UserError
-
-RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"  # how DDP child processes learn the run directory of rank 0
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,185 +37,19 @@ def _setup_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-# -- fit -----------------------------------------------------------------------------------------
-def _add_fit(sub) -> None:
-    from transferkit.pipelines.config import FINETUNE_CHOICES, FitConfig
-
-    d = FitConfig()
-    S = argparse.SUPPRESS
-    p = sub.add_parser("fit", help="fine-tune a pretrained backbone on an image folder",
-                       formatter_class=_Formatter, argument_default=S, description=(
-                           "Fine-tune a timm backbone on DATA: either DATA/<class>/*.jpg (a stratified"
-                           " validation split is drawn) or DATA/train/<class>/ + DATA/val/<class>/"
-                           " (+ optional DATA/test/<class>/)."))
-    p.add_argument("data", nargs="?", help="image folder")
-    p.add_argument("--config", default=None, help="replay a run's config.yaml (arguments given here override it)")
-    p.add_argument("--out", help="run directory (default: runs/<backbone>-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run")
-    g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", help=f"any timm model name (default {d.backbone})")
-    g.add_argument("--weights", help="local .safetensors/.pth file with the backbone's pretrained weights")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                   help="train from random weights (only when you mean it)")
-    g.add_argument("--backbone-plugin", help="Python file that registers extra timm models")
-    g.add_argument("--image-size", type=int, help="input size (default: the backbone's pretrained size)")
-    g = p.add_argument_group("fine-tuning strategy")
-    g.add_argument("--finetune", choices=FINETUNE_CHOICES, help=f"strategy (default {d.finetune})")
-    g.add_argument("--trainable-groups", type=int,
-                   help=f"partial: how many top layer groups train (default {d.trainable_groups})")
-    g.add_argument("--layer-decay", type=float,
-                   help="lr factor per layer group below the head (default 0.5; 1.0 from random weights)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="head learning rate (default: by strategy, see README)")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), help=f"(default {d.optimizer}); sgd uses Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    g.add_argument("--schedule", choices=("cosine", "step", "constant"), help=f"(default {d.schedule})")
-    g.add_argument("--warmup-epochs", type=float, help=f"linear warmup (default {d.warmup_epochs})")
-    g.add_argument("--label-smoothing", type=float, help=f"(default {d.label_smoothing})")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (default: off)")
-    g.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
-    g.add_argument("--patience", type=int, help=f"early stopping on val accuracy; 0 turns it off (default {d.patience})")
-    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    g = p.add_argument_group("data and augmentation")
-    g.add_argument("--val-fraction", type=float, help=f"held out when DATA has no val/ (default {d.val_fraction})")
-    g.add_argument("--workers", type=int, help="DataLoader workers (default: min(4, CPU count))")
-    g.add_argument("--strict", action="store_true", help="stop on any unreadable image instead of leaving it out")
-    g.add_argument("--augment", choices=("none", "light", "default", "heavy"),
-                   help=f"train augmentation preset (default {d.augment})")
-    g.add_argument("--aug", action="append", metavar="OP.PARAM=VALUE",
-                   help="override one augmentation setting, e.g. --aug erasing.p=0.5 --aug noise=off")
-    g = p.add_argument_group("devices (passed to Lightning)")
-    g.add_argument("--accelerator", help=f"cpu, gpu, auto ... (default {d.accelerator})")
-    g.add_argument("--devices", help=f"number of devices or 'auto' (default {d.devices})")
-    g.add_argument("--num-nodes", type=int, help=f"machines (default {d.num_nodes})")
-    g.add_argument("--precision", help=f"32-true, 16-mixed, bf16-mixed ... (default {d.precision})")
-    p.set_defaults(func=_cmd_fit)
-
-
-def _fit_config(args: argparse.Namespace):
-    from transferkit.pipelines.config import FitConfig
-
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "config", "resume", "verbose", "command")}
-    base = FitConfig.load(args.config).to_dict() if args.config else {}
-    merged = {**base, **given}
-    if not merged.get("data"):
-        raise UserError("fit needs DATA, the image folder (or --config FILE of a run, or --resume RUN_DIR)")
-    merged["data"] = str(merged["data"])
-    cfg = FitConfig.from_dict(merged, source="arguments")
-    return cfg.validate()
-
-
-def _cmd_fit(args) -> int:
-    from transferkit.pipelines.fit import default_out, fit, resume
-
-    if args.resume:
-        extra = sorted(k for k in vars(args) if k not in ("func", "config", "resume", "verbose", "command"))
-        if extra or args.config:
-            raise UserError(f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--config'}")
-        report = resume(args.resume, progress=sys.stderr.isatty())
-        out = args.resume
-    else:
-        cfg = _fit_config(args)
-        if not cfg.out:
-            cfg.out = os.environ.get(RUN_DIR_ENV) or str(default_out(cfg.backbone))
-        os.environ[RUN_DIR_ENV] = cfg.out  # inherited by DDP child processes, which re-run this command
-        report = fit(cfg, progress=sys.stderr.isatty())
-        out = cfg.out
-    if report is None:
-        return 0
-    ft = report["finetune"]
-    print(f"fine-tuning: {ft['strategy']} ({ft['reason']})")
-    print(f"val accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}"
-          f"  after {report['epochs_trained']} epochs, {report['train_seconds']:.0f} s")
-    print(f"run directory: {out}")
-    return 0
-
-
-# -- evaluate / predict --------------------------------------------------------------------------
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a trained run on its val split or a folder",
-                       formatter_class=_Formatter)
-    p.add_argument("run_dir", help="a run directory written by `transferkit fit`")
-    p.add_argument("data", nargs="?", help="image folder (default: the run's saved split)")
-    p.add_argument("--split", choices=("val", "test"), default="val", help="which split to evaluate")
-    p.add_argument("--checkpoint", default="best", help="best, last, or another name in RUN_DIR/checkpoints")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.set_defaults(func=_cmd_evaluate)
-
-
-def _cmd_evaluate(args) -> int:
-    from transferkit.pipelines.inference import evaluate_run
-
-    body = evaluate_run(args.run_dir, args.data, split=args.split, checkpoint=args.checkpoint,
-                        batch_size=args.batch_size, workers=args.workers, progress=sys.stderr.isatty())
-    rows = body["results"]
-    print(f"{'split':<6} {'tta':<10} {'ensemble':<10} {'accuracy':>9} {'macro_f1':>9} {'nll':>8} {'ece':>7} {'n':>6}")
-    for r in rows:
-        print(f"{r['split']:<6} {r['tta']:<10} {r['ensemble']:<10} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f}"
-              f" {r['nll']:>8.4f} {r['ece']:>7.4f} {r['count']:>6d}")
-    print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
-    return 0
-
-
-def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predict labels for image files and folders", formatter_class=_Formatter)
-    p.add_argument("run_dir", help="a run directory written by `transferkit fit`")
-    p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write")
-    p.add_argument("--top-k", type=int, default=1, help="also write the next K-1 labels and probabilities")
-    p.add_argument("--checkpoint", default="best", help="best, last, or another name in RUN_DIR/checkpoints")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0)
-    p.set_defaults(func=_cmd_predict)
-
-
-def _cmd_predict(args) -> int:
-    from transferkit.pipelines.inference import predict_paths
-
-    out = predict_paths(args.run_dir, args.paths, args.out, top_k=args.top_k, checkpoint=args.checkpoint,
-                        batch_size=args.batch_size, workers=args.workers, progress=sys.stderr.isatty())
-    print(f"predictions written to {out}")
-    return 0
-
-
-# -- demo ----------------------------------------------------------------------------------------
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="fine-tune and evaluate on built-in procedural data, offline",
-                       formatter_class=_Formatter)
-    p.add_argument("--out", default="runs/demo", help="folder for the demo data and runs")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args) -> int:
-    from transferkit.pipelines.demo import run_demo
-
-    res = run_demo(Path(args.out), seed=args.seed, progress=sys.stderr.isatty())
-    ft, sc = res["finetune"], res["scratch"]
-    print()
-    print("transferkit demo: 4 target classes, few images each, backbone pretrained on 8 other shapes")
-    print(f"  fine-tuned from pretrained weights ({ft['finetune']['strategy']}): val accuracy {ft['accuracy']:.3f}")
-    print(f"  same run from random weights (full):          val accuracy {sc['accuracy']:.3f}")
-    print(f"  runs: {', '.join(res['runs'].values())}")
-    print(f"  report: {res['runs']['finetune']}/report.json   predictions: {res['predictions']}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from transferkit import __version__
 
     parser = _Parser(prog="transferkit", description="Transfer learning on image folders.",
-                     formatter_class=_Formatter)
+                     formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_fit(sub)
-    _add_evaluate(sub)
-    _add_predict(sub)
-    _add_demo(sub)
+    fit.add_fit(sub)
+    evaluate.add_evaluate(sub)
+    evaluate.add_predict(sub)
+    fit.add_demo(sub)
+    augment.add_augment(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferkit.augment.batch import soft_target_cross_entropy
 from transferkit.backbones.groups import LayerGroups
 from transferkit.backbones.strategies import Plan, param_groups, set_frozen_eval
 from transferkit.errors import ConfigError, TrainingDiverged
@@ -51,11 +52,13 @@ class ImageClassifier(pl.LightningModule):
     """A timm model trained under a fine-tuning plan.
 
     `mixer`, when given, takes (images, labels) and returns (mixed images, soft targets); the
-    loss is then a soft-target cross-entropy.
+    loss is then a soft-target cross-entropy. With `head_only`, batches hold cached pre-logits
+    features of a frozen backbone and only the classifier runs (see pipelines/features.py).
     """
 
     def __init__(self, model: nn.Module, groups: LayerGroups, plan: Plan, optim: OptimConfig,
-                 num_classes: int, mixer: Callable | None = None):
+                 num_classes: int, mixer: Callable | None = None, mix_until_epoch: int | None = None,
+                 head_only: bool = False):
         super().__init__()
         self.model = model
         self.groups = groups
@@ -63,10 +66,12 @@ class ImageClassifier(pl.LightningModule):
         self.optim = optim
         self.num_classes = num_classes
         self.mixer = mixer
+        self.mix_until_epoch = mix_until_epoch  # mixing stops from this epoch (0-based) on
+        self.head_only = head_only
         self._val: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model.get_classifier()(x) if self.head_only else self.model(x)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -78,13 +83,16 @@ class ImageClassifier(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Lightning keeps whatever mode modules are in; make sure frozen parts run in eval mode.
         self.train()
+        if self.mixer is not None and self.mix_until_epoch is not None:
+            self.mixer.enabled = self.current_epoch < self.mix_until_epoch
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        if self.mixer is not None and getattr(self.mixer, "enabled", True):
+        if self.mixer is not None and self.mixer.enabled:
+            # Label smoothing is folded into the mixer's soft targets.
             x, soft = self.mixer(x, y)
             logits = self(x)
-            loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            loss = soft_target_cross_entropy(logits, soft)
         else:
             logits = self(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)

@@ -9,7 +9,7 @@ import yaml
 
 from transferkit.errors import ConfigError
 
-FINETUNE_CHOICES = ("auto", "freeze", "partial", "full")
+FINETUNE_CHOICES = ("auto", "freeze", "partial", "full", "lp-ft")
 
 
 @dataclass
@@ -44,6 +44,20 @@ class FitConfig:
     strict: bool = False
     augment: str = "default"
     aug: list[str] = field(default_factory=list)
+    # batch mixing (0 alpha: off)
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    mix_mode: str = "batch"
+    mix_off_epoch: int = 0            # mixing stops for the last N epochs
+    # frozen-backbone feature cache (freeze and the probe stage of lp-ft)
+    cache_views: int = 1              # augmented views per training image; 0 turns the cache off
+    # weight averaging and snapshot ensembles
+    ema: bool = False
+    ema_decay: float = 0.999
+    swa: bool = False
+    snapshots: int = 0                # M cosine cycles with a snapshot checkpoint at the end of each
     # devices, passed to Lightning
     accelerator: str = "auto"
     devices: str = "auto"
@@ -65,6 +79,10 @@ class FitConfig:
             raise ConfigError(f"--image-size {self.image_size} cannot work; use 16 to 2048 pixels")
         if self.patience < 0:
             raise ConfigError(f"--patience {self.patience} must be 0 (off) or more")
+        if self.mix_off_epoch < 0 or self.mix_off_epoch >= self.epochs and (self.mixup or self.cutmix):
+            raise ConfigError(f"--mix-off-epoch {self.mix_off_epoch} must be 0 or fewer than --epochs {self.epochs}")
+        if self.cache_views < 0:
+            raise ConfigError(f"--cache-views {self.cache_views} must be 0 (no cache) or more")
         if not self.pretrained and self.weights:
             raise ConfigError("--no-pretrained and --weights contradict each other; pass one of them")
         return self

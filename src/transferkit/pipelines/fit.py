@@ -11,24 +11,52 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from transferkit.augment.image import describe_train, eval_transform, parse_overrides, train_transform
+from transferkit.augment.batch import BatchMixer
+from transferkit.augment.image import (
+    describe_train,
+    eval_transform,
+    parse_overrides,
+    train_transform,
+)
 from transferkit.backbones import factory
 from transferkit.backbones.groups import layer_groups
-from transferkit.backbones.strategies import (DEFAULT_LAYER_DECAY, DEFAULT_LR, SCRATCH_LR, SGD_LR_FACTOR,
-                                              apply_plan, choose_by_size, make_plan)
+from transferkit.backbones.strategies import (
+    DEFAULT_LAYER_DECAY,
+    DEFAULT_LR,
+    SCRATCH_LR,
+    SGD_LR_FACTOR,
+    apply_plan,
+    make_plan,
+)
 from transferkit.errors import CheckpointError, ConfigError, RunInterrupted
 from transferkit.pipelines.classifier import ImageClassifier, OptimConfig
 from transferkit.pipelines.config import FitConfig
-from transferkit.pipelines.data import (EpochSeed, ImageDataModule, ImageDataset, ScanResult,
-                                        read_split_csv, scan_folder, stratified_split, write_skipped_csv,
-                                        write_split_csv)
-from transferkit.pipelines.evaluate import (classification_metrics, plot_confusion, plot_curves,
-                                            predict_proba, run_config)
+from transferkit.pipelines.data import (
+    EpochSeed,
+    ImageDataModule,
+    ImageDataset,
+    ScanResult,
+    read_split_csv,
+    scan_folder,
+    stratified_split,
+    write_skipped_csv,
+    write_split_csv,
+)
+from transferkit.pipelines.evaluate import (
+    classification_metrics,
+    plot_confusion,
+    plot_curves,
+    predict_proba,
+    run_config,
+)
+from transferkit.pipelines.features import FeatureDataModule, extract, head_matches
+from transferkit.pipelines.images import load_rgb
 from transferkit.pipelines.run import AtomicCheckpointIO, MetricsCSV, RunDir, safe_load
 
 log = logging.getLogger(__name__)
@@ -50,13 +78,18 @@ class Prepared:
     module: ImageClassifier
     datamodule: ImageDataModule
     finetune: dict
+    train_tf: object
+    eval_tf: object
+    workers: int
+    clean_features: torch.Tensor | None = None  # the advisor's pass over train (eval transform)
 
 
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None) -> Prepared:
+def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None,
+            progress: bool = True) -> Prepared:
     """Validate everything that can be wrong before a single file is written.
 
     With `resume`, the classes and splits saved in that run are used, not a new scan.
@@ -86,68 +119,89 @@ def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None)
                                      weights=cfg.weights, plugin=cfg.backbone_plugin,
                                      image_size=cfg.image_size)
     groups = layer_groups(model)
-    counts = sorted(scan.counts("train").values()) if scan.presplit else None
-    per_class = _per_class_median(train, len(classes)) if counts is None else _median(counts)
-    if cfg.finetune == "auto" and not (cfg.pretrained or cfg.weights):
-        strategy, reason = "full", "random weights (--no-pretrained): nothing pretrained to keep -> full"
-    elif cfg.finetune == "auto":
-        strategy, reason = choose_by_size(per_class)
-    else:
-        strategy, reason = cfg.finetune, f"--finetune {cfg.finetune}"
-    plan = make_plan(strategy, groups, cfg.trainable_groups, reason)
-    apply_plan(model, groups, plan)
+    overrides = parse_overrides(cfg.aug)
+    size = data_cfg.input_size[1:]
+    eval_tf = eval_transform(size, data_cfg.mean, data_cfg.std, data_cfg.crop_pct, data_cfg.interpolation)
+    workers = default_workers() if cfg.workers is None else cfg.workers
     from_scratch = not (cfg.pretrained or cfg.weights)
-    lr = cfg.lr or (SCRATCH_LR if from_scratch else DEFAULT_LR[strategy])
+    decision = _decide(cfg, model, groups, train, len(classes), eval_tf, workers, from_scratch,
+                       saved=resume.read_config().get("resolved", {}).get("finetune") if resume else None,
+                       progress=progress)
+    strategy = decision["strategy"]
+    plan = make_plan(strategy, groups, decision["trainable_groups"] or cfg.trainable_groups, decision["reason"])
+    apply_plan(model, groups, plan)
+    lr = cfg.lr or decision.get("suggested_lr") or (SCRATCH_LR if from_scratch else DEFAULT_LR[strategy])
     lr *= SGD_LR_FACTOR if cfg.optimizer == "sgd" and not cfg.lr else 1.0
     # Random low layers have nothing worth protecting: one rate for all of them.
     layer_decay = cfg.layer_decay or (1.0 if from_scratch else DEFAULT_LAYER_DECAY)
 
-    overrides = parse_overrides(cfg.aug)
-    size = data_cfg.input_size[1:]
-    train_tf = train_transform(cfg.augment, size=size, mean=data_cfg.mean, std=data_cfg.std,
-                               interpolation=data_cfg.interpolation, **overrides)
-    eval_tf = eval_transform(size, data_cfg.mean, data_cfg.std, data_cfg.crop_pct, data_cfg.interpolation)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    if cfg.augment == "none":
+        if overrides:
+            raise ConfigError("--aug overrides need an --augment preset (light, default or heavy), not none")
+        train_tf = eval_tf
+    else:
+        train_tf = train_transform(cfg.augment, size=size, mean=data_cfg.mean, std=data_cfg.std,
+                                   interpolation=data_cfg.interpolation, **overrides)
     dm = ImageDataModule(train, val, train_tf, eval_tf, batch_size=cfg.batch_size, num_workers=workers,
                          test=test, seed=cfg.seed)
     optim = OptimConfig(optimizer=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
                         layer_decay=layer_decay, schedule=cfg.schedule,
                         warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing)
-    module = ImageClassifier(model, groups, plan, optim, len(classes))
+    mixer = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixer = BatchMixer(len(classes), mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
+                           switch_prob=cfg.mix_switch_prob, mode=cfg.mix_mode,
+                           label_smoothing=cfg.label_smoothing)
+    module = ImageClassifier(model, groups, plan, optim, len(classes), mixer=mixer,
+                             mix_until_epoch=cfg.epochs - cfg.mix_off_epoch if cfg.mix_off_epoch else None)
     finetune = {**plan.to_dict(), "lr": lr, "layer_decay": layer_decay,
-                "images_per_class_median": per_class,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "total_parameters": sum(p.numel() for p in model.parameters())}
+                "total_parameters": sum(p.numel() for p in model.parameters()),
+                **{k: decision[k] for k in ("advice", "suggested_lr") if k in decision}}
     run = RunDir(cfg.out) if cfg.out else RunDir(default_out(cfg.backbone))
     if write:
         run = RunDir.create(run.path, overwrite=cfg.overwrite)
         cfg.out = str(run.path)
+        augment = describe_train(cfg.augment, **overrides) if cfg.augment != "none" else {"preset": "none"}
         cfg.save(run.config, extra={"resolved": {"data_config": data_cfg.to_dict(), "finetune": finetune,
-                                                 "augment": describe_train(cfg.augment, **overrides)}})
+                                                 "augment": augment}})
         run.write_json(run.classes_json, classes)
         write_split_csv(run.splits / "train.csv", train, classes)
         write_split_csv(run.splits / "val.csv", val, classes)
         if test:
             write_split_csv(run.splits / "test.csv", test, classes)
         write_skipped_csv(run.skipped, scan.skipped)
-    return Prepared(cfg, run, classes, train, val, test, scan.skipped, model, data_cfg, module, dm, finetune)
+    return Prepared(cfg, run, classes, train, val, test, scan.skipped, model, data_cfg, module, dm, finetune,
+                    train_tf, eval_tf, workers, decision.get("clean_features"))
+
+
+def _decide(cfg: FitConfig, model, groups, train: list, num_classes: int, eval_tf, workers: int,
+            from_scratch: bool, saved: dict | None, progress: bool) -> dict:
+    """The strategy: as given, as saved in a resumed run, or measured by the advisor (auto)."""
+    if saved is not None:  # a resumed run keeps its decision
+        k = len(saved["trainable_groups"]) - 1 if saved["strategy"] == "partial" else None
+        return {"strategy": saved["strategy"], "trainable_groups": k, "reason": saved["reason"],
+                "suggested_lr": saved.get("suggested_lr"), **({"advice": saved["advice"]} if "advice" in saved else {})}
+    if cfg.finetune != "auto":
+        return {"strategy": cfg.finetune, "trainable_groups": None, "reason": f"--finetune {cfg.finetune}"}
+    if from_scratch:
+        return {"strategy": "full", "trainable_groups": None,
+                "reason": "random weights (--no-pretrained): nothing pretrained to keep -> full"}
+    from torch.utils.data import DataLoader
+
+    from transferkit.backbones.advisor import decide, measure_with_features
+
+    loader = DataLoader(ImageDataset(train, eval_tf), batch_size=cfg.batch_size, num_workers=workers)
+    m, feats, labels = measure_with_features(model, loader, seed=cfg.seed, progress=progress)
+    advice = decide(m, num_groups=len(groups), group_labels=groups.labels)
+    log.info(advice.summary())
+    return {"strategy": advice.strategy, "trainable_groups": advice.trainable_groups,
+            "reason": "; ".join(advice.reasons), "suggested_lr": advice.lr, "advice": advice.to_dict(),
+            "clean_features": torch.from_numpy(feats)}
 
 
 def default_out(backbone: str) -> Path:
     return Path("runs") / f"{backbone.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _median(values: list[int]) -> float:
-    v = sorted(values)
-    mid = len(v) // 2
-    return float(v[mid]) if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-
-
-def _per_class_median(samples: list, k: int) -> float:
-    counts = [0] * k
-    for s in samples:
-        counts[s.label] += 1
-    return _median(counts)
 
 
 def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
@@ -183,7 +237,7 @@ def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
 
 def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
     """Train and write the run directory; return the report on rank 0 (None on other ranks)."""
-    p = prepare(cfg, write=not _is_child_process())
+    p = prepare(cfg, write=not _is_child_process(), progress=progress)
     return _train(p, progress=progress)
 
 
@@ -197,17 +251,23 @@ def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
         stale.unlink()  # a write cut short by a kill; the complete file it was replacing is intact
     cfg = run_config(run)
     cfg.out = str(run.path)
-    p = prepare(cfg, write=False, resume=run)
+    p = prepare(cfg, write=False, resume=run, progress=progress)
     return _train(p, progress=progress, ckpt_path=run.checkpoint("last"))
 
 
 def _train(p: Prepared, *, progress: bool, ckpt_path: Path | None = None) -> dict | None:
-    log.info("fine-tuning: %s (%s); trainable groups: %s", p.finetune["strategy"], p.finetune["reason"],
+    strategy = p.finetune["strategy"]
+    log.info("fine-tuning: %s (%s); trainable groups: %s", strategy, p.finetune["reason"],
              ", ".join(p.finetune["trainable_groups"]))
-    trainer = make_trainer(p, progress=progress)
     t0 = time.monotonic()
+    cache = _feature_cache(p, progress) if strategy in ("freeze", "lp-ft") else None
+    if strategy == "lp-ft" and ckpt_path is None:
+        _linear_probe(p, cache, progress)
+    datamodule = cache if cache is not None and strategy == "freeze" else p.datamodule
+    p.module.head_only = datamodule is cache
+    trainer = make_trainer(p, progress=progress)
     try:
-        trainer.fit(p.module, datamodule=p.datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+        trainer.fit(p.module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)
     except SystemExit as exc:  # Lightning turns SIGINT into sys.exit(1) and SIGTERM into SIGTERMException
         if trainer.interrupted or isinstance(exc, SIGTERMException):
@@ -217,7 +277,60 @@ def _train(p: Prepared, *, progress: bool, ckpt_path: Path | None = None) -> dic
         raise _interrupted(p.run, "an interrupt")
     if not trainer.is_global_zero:
         return None
-    return finish(p, trainer, time.monotonic() - t0, progress=progress)
+    val_features = datamodule.val_ds.features[0] if datamodule is cache else None
+    return finish(p, trainer, time.monotonic() - t0, progress=progress, val_features=val_features)
+
+
+def _feature_cache(p: Prepared, progress: bool) -> FeatureDataModule | None:
+    """Frozen features of train (clean view + cache_views-1 augmented) and val, or None.
+
+    None when the cache is off, when mixing needs images, or when this architecture's classifier
+    does not see exactly the pooled features (then every epoch runs the backbone as usual).
+    """
+    cfg, model = p.cfg, p.model
+    if cfg.cache_views < 1:
+        return None
+    if p.module.mixer is not None:
+        log.info("Mixup/CutMix mix images, so frozen features are not cached")
+        return None
+    probe_x = torch.stack([p.eval_tf(load_rgb(s.path)) for s in p.val[:2]])
+    if not head_matches(model, probe_x):
+        log.info("%s's classifier does not read pooled features alone; frozen features are not cached",
+                 cfg.backbone)
+        return None
+    t0 = time.monotonic()
+    kw = dict(seed=cfg.seed, batch_size=max(cfg.batch_size, 64), workers=p.workers, progress=progress)
+    clean = p.clean_features
+    if clean is None:
+        clean = extract(model, p.train, p.eval_tf, desc="frozen features: train", **kw)[0]
+    views = [clean.unsqueeze(0)]
+    if cfg.cache_views > 1:
+        views.append(extract(model, p.train, p.train_tf, views=cfg.cache_views - 1,
+                             cache_file=p.run.path / "cache" / "train-augmented.npy",
+                             desc="frozen features: augmented train", **kw))
+    train = torch.cat(views) if len(views) > 1 else views[0]
+    val = extract(model, p.val, p.eval_tf, desc="frozen features: val", **kw)
+    log.info("cached frozen features of %d train images x %d view(s) and %d val images in %.1f s",
+             len(p.train), train.shape[0], len(p.val), time.monotonic() - t0)
+    return FeatureDataModule(train, [s.label for s in p.train], val, [s.label for s in p.val],
+                             batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+def _linear_probe(p: Prepared, cache: FeatureDataModule | None, progress: bool) -> None:
+    """lp-ft's first phase: fit the head on the frozen backbone, then unfreeze for fine-tuning."""
+    cfg = p.cfg
+    freeze = make_plan("freeze", p.module.groups, reason="lp-ft: linear probe")
+    apply_plan(p.model, p.module.groups, freeze)
+    probe = ImageClassifier(p.model, p.module.groups, freeze,
+                            OptimConfig(lr=DEFAULT_LR["freeze"], weight_decay=cfg.weight_decay,
+                                        warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing),
+                            len(p.classes), head_only=cache is not None)
+    log.info("lp-ft: linear probe for %d epochs at lr %g", cfg.epochs, DEFAULT_LR["freeze"])
+    pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False,
+               enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+               callbacks=[EpochSeed(cfg.seed)], num_sanity_val_steps=0, deterministic=True
+               ).fit(probe, datamodule=cache if cache is not None else p.datamodule)
+    apply_plan(p.model, p.module.groups, p.module.plan)
 
 
 def _interrupted(run: RunDir, what: str) -> RunInterrupted:
@@ -234,18 +347,27 @@ def _is_child_process() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
 
 
-def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = True) -> dict:
-    """Evaluate the best checkpoint on val in one process and write report.json and the plots."""
+def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = True,
+           val_features: torch.Tensor | None = None) -> dict:
+    """Evaluate the best checkpoint on val in one process and write report.json and the plots.
+
+    With `val_features` (a frozen run's cache), the classifier reads them instead of the images:
+    the same numbers (checked by `head_matches`) without another pass of the backbone.
+    """
     run = p.run
     best = run.checkpoint("best")
     if not best.exists():
         raise ConfigError(f"no checkpoint was written to {run.checkpoints}; train for at least one epoch")
     state = safe_load(best)["state_dict"]
     p.module.load_state_dict(state)
-    loader = torch.utils.data.DataLoader(ImageDataset(p.val, p.datamodule.val_ds.transform),
-                                         batch_size=p.cfg.batch_size, num_workers=p.datamodule.num_workers)
-    probs, labels = predict_proba(p.module.model, loader, desc="evaluating best checkpoint",
-                                  progress=progress)
+    if val_features is not None:
+        with torch.inference_mode():
+            probs = torch.softmax(p.model.eval().get_classifier()(val_features), -1).numpy()
+        labels = np.array([s.label for s in p.val])
+    else:
+        loader = torch.utils.data.DataLoader(ImageDataset(p.val, p.eval_tf), batch_size=p.cfg.batch_size,
+                                             num_workers=p.workers)
+        probs, labels = predict_proba(p.model, loader, desc="evaluating best checkpoint", progress=progress)
     metrics = classification_metrics(probs, labels, p.classes)
     es = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
     mc = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)

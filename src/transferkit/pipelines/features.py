@@ -1,0 +1,135 @@
+"""The fast frozen path: features of a frozen backbone, computed once and trained on.
+
+When the backbone is frozen its features do not change, so running it every epoch only repeats
+work. A frozen fit extracts pooled pre-logits features in one pass (``views`` augmented views per
+training image, one clean view per validation image), then trains the classifier on the cached
+tensors. The cache lives in memory, or memory-mapped under the run directory when it would be
+large. Checkpoints still hold the whole model.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.pipelines.data import EpochSampler, ImageDataset, Sample, epoch_seed
+
+log = logging.getLogger(__name__)
+
+IN_MEMORY_BYTES = 2 * 1024**3  # larger caches are memory-mapped files in RUN/cache/
+
+
+def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What timm's classifier sees: pooled (and, for some families, normed) features."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def head_matches(model: nn.Module, x: torch.Tensor) -> bool:
+    """True when classifier(pre_logits(x)) is model(x): the cache is exact for this architecture."""
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        ok = torch.allclose(model.get_classifier()(pre_logits(model, x)), model(x), atol=1e-4, rtol=1e-4)
+    model.train(was)
+    return ok
+
+
+def _storage(shape: tuple[int, ...], path: Path | None) -> torch.Tensor:
+    nbytes = int(np.prod(shape)) * 4
+    if path is None or nbytes <= IN_MEMORY_BYTES:
+        return torch.empty(shape, dtype=torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("feature cache of %.1f GB is memory-mapped at %s", nbytes / 1024**3, path)
+    return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
+
+
+@torch.inference_mode()
+def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: int = 1, seed: int = 0,
+            batch_size: int = 64, workers: int = 0, device: str | torch.device = "cpu",
+            cache_file: Path | None = None, progress: bool = True, desc: str = "features") -> torch.Tensor:
+    """Features ``(views, n, d)`` of the frozen `model` over `samples` through `transform`.
+
+    View k is drawn with torch seeded from (seed, k), so the same seed gives the same cache.
+    """
+    from tqdm.auto import tqdm
+
+    was = model.training
+    model.eval().to(device)
+    ds = ImageDataset(samples, transform)
+    out: torch.Tensor | None = None
+    try:
+        for k in range(views):
+            torch.manual_seed(epoch_seed(seed, 10_000 + k) % 2**63)
+            g = torch.Generator().manual_seed(epoch_seed(seed, 20_000 + k))
+            loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, generator=g)
+            pos = 0
+            label = f"{desc} (view {k + 1}/{views})" if views > 1 else desc
+            for x, _, _ in tqdm(loader, desc=label, leave=False, disable=not progress):
+                f = pre_logits(model, x.to(device)).float().cpu()
+                if out is None:
+                    out = _storage((views, len(ds), f.shape[1]), cache_file)
+                out[k, pos:pos + len(f)] = f
+                pos += len(f)
+    finally:
+        model.train(was)
+    assert out is not None, "no samples to extract features from"
+    return out
+
+
+class FeatureDataset(Dataset):
+    """Rows of a (views, n, d) cache addressed as view * n + i; yields (feature, label, i)."""
+
+    def __init__(self, features: torch.Tensor, labels: Sequence[int]):
+        self.features = features
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.views, self.n = features.shape[0], features.shape[1]
+
+    def __len__(self) -> int:
+        return self.views * self.n
+
+    def __getitem__(self, flat: int):
+        view, i = divmod(flat, self.n)
+        return self.features[view, i], self.labels[i], i
+
+
+class ViewSampler(EpochSampler):
+    """Every image once per epoch, each through one of its cached views, chosen by (seed, epoch)."""
+
+    def __init__(self, n: int, views: int, seed: int, generator: torch.Generator, epoch: int = 0):
+        self.views = views
+        super().__init__(n, seed, generator, epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + 1)
+        order = torch.randperm(self.n, generator=g)
+        view = torch.randint(0, self.views, (self.n,), generator=g)
+        return iter((view * self.n + order).tolist())
+
+
+class FeatureDataModule(pl.LightningDataModule):
+    def __init__(self, train: torch.Tensor, train_labels: Sequence[int], val: torch.Tensor,
+                 val_labels: Sequence[int], batch_size: int, seed: int):
+        super().__init__()
+        self.train_ds = FeatureDataset(train, train_labels)
+        self.val_ds = FeatureDataset(val, val_labels)
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        n = self.train_ds.n
+        drop = n % self.batch_size == 1 and n > self.batch_size
+        if trainer is not None and trainer.world_size > 1:
+            return DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, drop_last=drop)
+        g = torch.Generator()
+        epoch = trainer.current_epoch if trainer is not None else 0
+        sampler = ViewSampler(n, self.train_ds.views, self.seed, g, epoch)
+        return DataLoader(self.train_ds, batch_size=self.batch_size, sampler=sampler, generator=g, drop_last=drop)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_ds, batch_size=max(self.batch_size, 256))
