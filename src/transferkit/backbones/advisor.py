@@ -291,7 +291,7 @@ def measure_with_features(model: nn.Module, loader, *, device="cpu",
     m = Measurements(class_counts=class_counts, probe=probe, logme=score, bn_shift=run.bn_shift,
                      stage_accuracy=stage_acc, feature_dim=int(run.features.shape[1]),
                      seconds=time.perf_counter() - start)
-    logger.info("advisor measured %d images in %.1f s: probe %s, LogME %.3f, BN shift %s",
+    logger.info("advisor measured %d images in %.1f s: probe %.3f, LogME %.3f, BN shift %s",
                 m.num_images, m.seconds, probe["logreg"], score, run.bn_shift)
     return m, run.features, run.labels
 

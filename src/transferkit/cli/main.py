@@ -10,7 +10,7 @@ import logging
 import sys
 import warnings
 
-from transferkit.cli import augment, evaluate, fit
+from transferkit.cli import advise, augment, evaluate, fit
 from transferkit.cli.common import Formatter
 from transferkit.errors import UserError
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_predict(sub)
     fit.add_demo(sub)
     augment.add_augment(sub)
+    advise.add_advise(sub)
     return parser
 
 

@@ -1,0 +1,34 @@
+"""`transferkit advise`: measure a dataset against a backbone and say how much of it to train."""
+from __future__ import annotations
+
+import time
+
+from torch.utils.data import DataLoader
+
+from transferkit.augment.image import eval_transform
+from transferkit.backbones import factory
+from transferkit.backbones.advisor import Advice, decide, measure
+from transferkit.backbones.groups import layer_groups
+from transferkit.pipelines.data import ImageDataset, scan_folder, stratified_split
+
+
+def advise(data: str, backbone: str, *, pretrained: bool = True, weights: str | None = None,
+           plugin: str | None = None, image_size: int | None = None, val_fraction: float = 0.2,
+           seed: int = 42, batch_size: int = 32, workers: int = 0, progress: bool = True) -> tuple[Advice, dict]:
+    """The advice for `data`'s training split (the split `fit` would train on, same seed)."""
+    t0 = time.monotonic()
+    scan = scan_folder(data)
+    if scan.presplit:
+        train = scan.splits["train"]
+    else:
+        train, _ = stratified_split(scan.splits["train"], val_fraction, seed)
+    model, dc = factory.create(backbone, len(scan.classes), pretrained=pretrained, weights=weights,
+                               plugin=plugin, image_size=image_size)
+    groups = layer_groups(model)
+    tf = eval_transform(dc.input_size[1:], dc.mean, dc.std, dc.crop_pct, dc.interpolation)
+    loader = DataLoader(ImageDataset(train, tf), batch_size=batch_size, num_workers=workers)
+    advice = decide(measure(model, loader, seed=seed, progress=progress), num_groups=len(groups),
+                    group_labels=groups.labels)
+    info = {"data": str(data), "backbone": backbone, "classes": scan.classes, "train_images": len(train),
+            "groups": list(groups.labels), "seconds": round(time.monotonic() - t0, 1)}
+    return advice, info
