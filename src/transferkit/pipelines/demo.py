@@ -92,9 +92,9 @@ def make_dataset(root: Path, classes: tuple[str, ...], per_class: int, seed: int
     return root
 
 
-def run_demo(out: Path, *, backbone: str = "resnet18", image_size: int = 64, seed: int = 0,
-             source_per_class: int = 80, target_per_class: int = 20, pretrain_epochs: int = 6,
-             finetune_epochs: int = 8, progress: bool = True) -> dict:
+def run_demo(out: Path, *, backbone: str = "resnet10t", image_size: int = 48, seed: int = 0,
+             source_per_class: int = 60, target_per_class: int = 20, pretrain_epochs: int = 8,
+             finetune_epochs: int = 10, progress: bool = True) -> dict:
     """Pretrain on the source task, fine-tune on the target task, compare with random weights."""
     from safetensors.torch import save_file
 
