@@ -6,29 +6,43 @@ from pathlib import Path
 from transferkit.cli.common import Formatter as _Formatter
 from transferkit.cli.common import progress
 
+_TTA_HELP = ("test-time views: plain, hflip, five-crop, ten-crop, multiscale[:s1,s2,...], joined with '+'"
+             " (e.g. hflip+multiscale:0.9,1.1)")
+_ENSEMBLE_HELP = ("none (the --checkpoint weights), ema (its averaged weights, fit --ema), swa (fit --swa),"
+                  " snapshots (fit --snapshots M), all (every model the run holds)")
+
 
 def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a trained run on its val split or a folder",
-                       formatter_class=_Formatter)
+    p = sub.add_parser(
+        "evaluate", help="metrics of a trained run on its val split or a folder, with TTA and ensembles",
+        formatter_class=_Formatter,
+        description="Accuracy, top-5 accuracy (5+ classes), macro-F1, NLL and ECE of every combination of"
+                    " --tta and --ensemble, in one table and RUN_DIR/evaluation.json; the confusion matrix"
+                    " and the reliability diagram of the best combination go to RUN_DIR/plots.",
+        epilog="example: transferkit evaluate runs/x --tta plain,hflip,ten-crop --ensemble none,ema,snapshots")
     p.add_argument("run_dir", help="a run directory written by `transferkit fit`")
     p.add_argument("data", nargs="?", help="image folder (default: the run's saved split)")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which split to evaluate")
     p.add_argument("--checkpoint", default="best", help="best, last, or another name in RUN_DIR/checkpoints")
+    p.add_argument("--tta", default="plain",
+                   help=f"comma-separated view specs to compare; a number after 'multiscale:' continues its"
+                        f" scales. {_TTA_HELP}")
+    p.add_argument("--ensemble", default="none", help=f"comma-separated ensembles to compare: {_ENSEMBLE_HELP}")
+    p.add_argument("--merge", choices=("mean", "geometric", "max"), default="mean",
+                   help="how probabilities merge over views and models")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
-    from transferkit.pipelines.inference import evaluate_run
+    from transferkit.pipelines.inference import evaluate_run, results_table
 
-    body = evaluate_run(args.run_dir, args.data, split=args.split, checkpoint=args.checkpoint,
-                        batch_size=args.batch_size, workers=args.workers, progress=progress())
-    rows = body["results"]
-    print(f"{'split':<6} {'tta':<10} {'ensemble':<10} {'accuracy':>9} {'macro_f1':>9} {'nll':>8} {'ece':>7} {'n':>6}")
-    for r in rows:
-        print(f"{r['split']:<6} {r['tta']:<10} {r['ensemble']:<10} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f}"
-              f" {r['nll']:>8.4f} {r['ece']:>7.4f} {r['count']:>6d}")
+    body = evaluate_run(args.run_dir, args.data, split=args.split, checkpoint=args.checkpoint, tta=args.tta,
+                        ensemble=args.ensemble, merge=args.merge, batch_size=args.batch_size,
+                        workers=args.workers, progress=progress())
+    print(f"{args.split} split, checkpoint {args.checkpoint}, merge {args.merge} (* best)")
+    print(results_table(body))
     print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
     return 0
 
@@ -40,6 +54,11 @@ def add_predict(sub) -> None:
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--top-k", type=int, default=1, help="also write the next K-1 labels and probabilities")
     p.add_argument("--checkpoint", default="best", help="best, last, or another name in RUN_DIR/checkpoints")
+    p.add_argument("--tta", default="plain", help=f"one view spec. {_TTA_HELP}")
+    p.add_argument("--ensemble", default="none", choices=("none", "ema", "swa", "snapshots", "all"),
+                   help=_ENSEMBLE_HELP)
+    p.add_argument("--merge", choices=("mean", "geometric", "max"), default="mean",
+                   help="how probabilities merge over views and models")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(func=_cmd_predict)
@@ -49,6 +68,7 @@ def _cmd_predict(args) -> int:
     from transferkit.pipelines.inference import predict_paths
 
     out = predict_paths(args.run_dir, args.paths, args.out, top_k=args.top_k, checkpoint=args.checkpoint,
-                        batch_size=args.batch_size, workers=args.workers, progress=progress())
+                        batch_size=args.batch_size, workers=args.workers, progress=progress(),
+                        tta=args.tta, ensemble=args.ensemble, merge=args.merge)
     print(f"predictions written to {out}")
     return 0

@@ -69,8 +69,19 @@ def add_fit(sub) -> None:
                    help=f"one draw per batch, per pair or per element (default {d.mix_mode})")
     g.add_argument("--mix-off-epoch", type=int, help="stop mixing for the last N epochs (default 0)")
     g.add_argument("--cache-views", type=int,
-                   help="freeze: augmented views per image whose frozen features are computed once;"
-                        " 0 runs the frozen backbone every epoch (default 1)")
+                   help="freeze and lp-ft's probe: frozen features are computed once for K views per"
+                        " image, the clean eval view plus K-1 augmented draws; 0 runs the frozen backbone"
+                        " every epoch (default 1)")
+    g = p.add_argument_group("weight averaging and snapshot ensembles (see `transferkit evaluate --ensemble`)")
+    g.add_argument("--ema", action="store_true",
+                   help="keep an exponential moving average of the weights; validated as val_acc_ema")
+    g.add_argument("--ema-decay", type=float, help=f"EMA decay, reached after a warmup (default {d.ema_decay})")
+    g.add_argument("--swa", action="store_true",
+                   help="stochastic weight averaging over the last quarter of epochs (or the snapshot"
+                        " cycle ends), written to checkpoints/swa.ckpt")
+    g.add_argument("--snapshots", type=int, metavar="M",
+                   help="M cosine cycles of epochs // M epochs (the last takes the rest), a checkpoint"
+                        " snapshot-i.ckpt at the end of each; patience counts cycles (default 0: off)")
     g = p.add_argument_group("devices (passed to Lightning)")
     g.add_argument("--accelerator", help=f"cpu, gpu, auto ... (default {d.accelerator})")
     g.add_argument("--devices", help=f"number of devices or 'auto' (default {d.devices})")
@@ -88,8 +99,7 @@ def _fit_config(args: argparse.Namespace):
     if not merged.get("data"):
         raise UserError("fit needs DATA, the image folder (or --config FILE of a run, or --resume RUN_DIR)")
     merged["data"] = str(merged["data"])
-    cfg = FitConfig.from_dict(merged, source="arguments")
-    return cfg.validate()
+    return FitConfig.from_dict(merged, source="arguments").validate()
 
 
 def _cmd_fit(args) -> int:

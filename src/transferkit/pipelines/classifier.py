@@ -151,6 +151,11 @@ class ImageClassifier(pl.LightningModule):
         epochs = max(1, self.trainer.max_epochs or 1)
         per_epoch = max(1, total // epochs)
         warmup = min(int(round(o.warmup_epochs * per_epoch)), total // 2)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, total, warmup, o, per_epoch))
+        from transferkit.pipelines.ensembling import averaging_schedule
+
+        # Snapshot cycles and SWA reshape the schedule; without them this is lr_factor itself.
+        factor = averaging_schedule(self.trainer, lambda s: lr_factor(s, total, warmup, o, per_epoch),
+                                    total=total, warmup=warmup, steps_per_epoch=per_epoch,
+                                    min_ratio=o.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

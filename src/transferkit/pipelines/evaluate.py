@@ -13,28 +13,48 @@ from torch.utils.data import DataLoader
 
 from transferkit.backbones import factory
 from transferkit.backbones.factory import DataConfig
+from transferkit.errors import CheckpointError
 from transferkit.pipelines.config import FitConfig
 from transferkit.pipelines.run import RunDir, safe_load
 
 log = logging.getLogger(__name__)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al. 2017); no library offers it for numpy."""
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins: mean confidence, accuracy and count per bin (NaN when empty).
+
+    scikit-learn's ``calibration_curve`` bins one class's probability, not the top-1 confidence.
+    """
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (conf > lo) & (conf <= hi)
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # (lo, hi] per bin
+    count = np.bincount(which, minlength=bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, weights=conf, minlength=bins) / count
+        accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / count
+    return {"edges": edges, "confidence": mean_conf, "accuracy": accuracy, "count": count}
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al. 2017); no library offers it for numpy."""
+    b = reliability_bins(probs, labels, bins)
+    used = b["count"] > 0
+    if not used.any():
+        return 0.0
+    gap = np.abs(b["accuracy"][used] - b["confidence"][used])
+    return float(np.sum(b["count"][used] / b["count"].sum() * gap))
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict:
-    from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, f1_score,
-                                 log_loss, top_k_accuracy_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        classification_report,
+        confusion_matrix,
+        f1_score,
+        log_loss,
+        top_k_accuracy_score,
+    )
 
     k = len(classes)
     pred = probs.argmax(1)
@@ -75,16 +95,28 @@ def run_config(run: RunDir) -> FitConfig:
     return FitConfig.from_dict(run.read_config()["fit"], source=str(run.config))
 
 
-def load_model(run: RunDir, checkpoint: str = "best") -> tuple[nn.Module, DataConfig]:
-    """Rebuild the run's architecture (no download) and load a checkpoint's weights safely."""
+def build_model(run: RunDir) -> tuple[nn.Module, DataConfig]:
+    """The run's architecture with random weights (nothing is downloaded) and its data config."""
     cfg = run_config(run)
-    classes = run.classes()
-    model, data_cfg = factory.create(cfg.backbone, len(classes), pretrained=False,
-                                     plugin=cfg.backbone_plugin, image_size=cfg.image_size)
+    return factory.create(cfg.backbone, len(run.classes()), pretrained=False, plugin=cfg.backbone_plugin,
+                          image_size=cfg.image_size)
+
+
+def load_weights(model: nn.Module, state_dict: dict) -> nn.Module:
+    """Load a LightningModule state_dict (keys ``model.…``) into the bare network; eval mode."""
+    model.load_state_dict({k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")})
+    return model.eval()
+
+
+def load_model(run: RunDir, checkpoint: str = "best", key: str = "state_dict") -> tuple[nn.Module, DataConfig]:
+    """Rebuild the run's architecture (no download) and load a checkpoint's weights safely;
+    ``key="ema_state_dict"`` loads the averaged weights of a ``fit --ema`` run."""
+    model, data_cfg = build_model(run)
     ckpt = safe_load(run.checkpoint(checkpoint))
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return model.eval(), data_cfg
+    if key not in ckpt:
+        raise CheckpointError(f"{run.checkpoint(checkpoint)} holds no {key}; use a checkpoint written by"
+                              " `transferkit fit`" + (" --ema" if key == "ema_state_dict" else ""))
+    return load_weights(model, ckpt[key]), data_cfg
 
 
 def plot_curves(metrics_csv: Path, out: Path) -> None:
@@ -134,6 +166,34 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], out: Pat
             for j in range(k):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                         color="white" if cm[i, j] > hi / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, out: Path, bins: int = 15, title: str = "") -> None:
+    """Reliability diagram: accuracy against mean confidence per bin, with the bin counts below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = reliability_bins(probs, labels, bins)
+    edges = b["edges"]
+    width = edges[1] - edges[0]
+    used = b["count"] > 0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    top.bar(edges[:-1][used], b["accuracy"][used], width=width, align="edge", edgecolor="black",
+            alpha=0.8, label="accuracy")
+    top.plot(b["confidence"][used], b["accuracy"][used], "o", color="crimson", ms=4, label="mean confidence")
+    ece = expected_calibration_error(probs, labels, bins)
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
+            title=title or f"reliability ({bins} bins): ECE {ece:.3f}")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.bar(edges[:-1], b["count"], width=width, align="edge", edgecolor="black", color="gray")
+    bottom.set(xlabel="confidence", ylabel="images")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -34,7 +34,7 @@ from transferkit.backbones.strategies import (
     apply_plan,
     make_plan,
 )
-from transferkit.errors import CheckpointError, ConfigError, RunInterrupted
+from transferkit.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from transferkit.pipelines.classifier import ImageClassifier, OptimConfig
 from transferkit.pipelines.config import FitConfig
 from transferkit.pipelines.data import (
@@ -48,6 +48,7 @@ from transferkit.pipelines.data import (
     write_skipped_csv,
     write_split_csv,
 )
+from transferkit.pipelines.ensembling import RunWeights, averaging_callbacks, check_averaging, early_stopping
 from transferkit.pipelines.evaluate import (
     classification_metrics,
     plot_confusion,
@@ -94,7 +95,7 @@ def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None,
 
     With `resume`, the classes and splits saved in that run are used, not a new scan.
     """
-    cfg.validate()
+    check_averaging(cfg.validate())
     if write and cfg.out and RunDir(cfg.out).holds_run() and not cfg.overwrite:
         RunDir.create(cfg.out, overwrite=False)  # raises the one-line error
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -215,8 +216,12 @@ def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
         MetricsCSV(p.run.metrics),
         EpochSeed(cfg.seed),
     ]
+
+    callbacks += averaging_callbacks(cfg, p.run.checkpoints, progress=progress, bn_loader=lambda: (
+        torch.utils.data.DataLoader(ImageDataset(p.train, p.eval_tf, replace_failed=True),  # BN statistics only
+                                    batch_size=cfg.batch_size, num_workers=p.workers)))
     if cfg.patience > 0:
-        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience))
+        callbacks.append(early_stopping(cfg, monitor="val_acc", mode="max"))  # at cycle ends with --snapshots
     if progress:
         callbacks.append(TQDMProgressBar(leave=False))
     devices: int | str = int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices
@@ -237,7 +242,11 @@ def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
 
 def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
     """Train and write the run directory; return the report on rank 0 (None on other ranks)."""
-    p = prepare(cfg, write=not _is_child_process(), progress=progress)
+    child = _is_child_process()
+    # DDP children start after rank 0 wrote the run: they take its classes, splits and
+    # strategy instead of scanning and measuring again (and possibly seeing other files).
+    saved = RunDir(cfg.out) if child and cfg.out and RunDir(cfg.out).skipped.exists() else None
+    p = prepare(cfg, write=not child, resume=saved, progress=progress)
     return _train(p, progress=progress)
 
 
@@ -273,6 +282,8 @@ def _train(p: Prepared, *, progress: bool, ckpt_path: Path | None = None) -> dic
         if trainer.interrupted or isinstance(exc, SIGTERMException):
             raise _interrupted(p.run, "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C") from None
         raise
+    except TrainingDiverged as exc:
+        raise _diverged(p.run, exc) from None
     if trainer.interrupted:
         raise _interrupted(p.run, "an interrupt")
     if not trainer.is_global_zero:
@@ -333,6 +344,18 @@ def _linear_probe(p: Prepared, cache: FeatureDataModule | None, progress: bool) 
     apply_plan(p.model, p.module.groups, p.module.plan)
 
 
+def _diverged(run: RunDir, exc: TrainingDiverged) -> TrainingDiverged:
+    """The divergence message, with what the run directory really kept."""
+    msg = str(exc).removesuffix("; the last good checkpoint is kept")
+    last = run.checkpoint("last")
+    if not last.exists():
+        return TrainingDiverged(f"{msg}; no epoch had finished, so no checkpoint was written")
+    ckpt = safe_load(last)
+    finite = all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    return TrainingDiverged(f"{msg}; {last} keeps the weights after epoch {ckpt.get('epoch', 0) + 1}"
+                            + ("" if finite else ", but they are not finite either"))
+
+
 def _interrupted(run: RunDir, what: str) -> RunInterrupted:
     last = run.checkpoint("last")
     if not last.exists():
@@ -383,6 +406,8 @@ def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = Tr
         "finetune": p.finetune, "data_config": p.data_cfg.to_dict(),
         "metrics": metrics,
     }
+
+    report["ensembles"] = RunWeights(run).available()  # the `evaluate --ensemble` values this run offers
     run.write_json(run.report, report)
     plot_curves(run.metrics, run.plots / "curves.png")
     plot_confusion(metrics["confusion_matrix"], p.classes, run.plots / "confusion.png",
