@@ -5,6 +5,8 @@ stderr and exits with code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """A mistake in the user's input, with a one-line message that says what to do."""
@@ -12,7 +14,19 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
-        super().__init__(" ".join(message.split()))
+        super().__init__(" ".join(_unwrap_worker(message, type(self).__name__).split()))
+
+
+def _unwrap_worker(message: str, kind: str) -> str:
+    """The original message of an error raised in a DataLoader worker process.
+
+    torch re-raises it in the main process as ``kind("Caught <kind> in DataLoader worker ...
+    Original Traceback ...")``: the user would read a traceback inside the one-line message.
+    """
+    if not message.startswith(f"Caught {kind} ") or "Original Traceback" not in message:
+        return message
+    found = list(re.finditer(rf"^(?:[\w.]+\.)?{kind}: ", message, re.MULTILINE))
+    return message[found[-1].end():] if found else message
 
 
 class DataError(UserError):

@@ -15,6 +15,8 @@ import difflib
 import hashlib
 import importlib.util
 import logging
+import pickle
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +80,18 @@ def check_name(name: str) -> None:
     raise BackboneError(f"unknown backbone {name!r}; {hint}")
 
 
+def refused_global(exc: BaseException) -> str | None:
+    """What a ``weights_only`` torch.load refused to call (e.g. ``posix.system``), else None.
+
+    torch's own message advises loading again with weights_only=False: never repeat that advice.
+    """
+    text = str(exc)
+    if not isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return found.group(1) if found else "an object that is not a tensor"
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist; pass an existing .safetensors or .pth file")
@@ -89,6 +103,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if refused := refused_global(exc):
+            raise BackboneError(f"weights file {path} cannot be read safely: unpickling it would call"
+                                f" {refused}, which weights never need; pass a .safetensors file or a .pth"
+                                " holding only tensors, from a source you trust") from None
         raise BackboneError(f"weights file {path} cannot be read safely ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a .safetensors file or a"
                             " .pth holding only tensors") from exc
@@ -132,7 +150,7 @@ def _has_pretrained_source(cfg: dict) -> bool:
 
 def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str | Path | None = None,
            plugin: str | Path | None = None, image_size: int | None = None,
-           drop_rate: float = 0.0) -> tuple[nn.Module, DataConfig]:
+           drop_rate: float = 0.0, quiet: bool = False) -> tuple[nn.Module, DataConfig]:
     """Build `name` with a fresh `num_classes` head and resolve its data config.
 
     Raises BackboneError when the name is unknown, when pretrained weights cannot be had, or
@@ -143,7 +161,13 @@ def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str
     check_name(name)
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    _check_size_range(image_size)
     kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    cfg = timm.models.get_pretrained_cfg(name)
+    if image_size is not None and cfg is not None and cfg.fixed_input_size:
+        # Position embeddings and attention windows are built for one size: build them for
+        # this one (timm resamples pretrained position embeddings to it when loading).
+        kwargs["img_size"] = image_size
     if weights:
         path = Path(weights).expanduser()
         sd = _read_weights(path)
@@ -155,8 +179,7 @@ def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **kwargs)
         log.info("loaded backbone weights from %s", path)
     elif pretrained:
-        cfg_probe = timm.models.get_pretrained_cfg(name)
-        if cfg_probe is None or not _has_pretrained_source(cfg_probe.to_dict()):
+        if cfg is None or not _has_pretrained_source(cfg.to_dict()):
             raise BackboneError(f"backbone {name!r} has no pretrained weights in timm; {_NO_WEIGHTS_HINT}")
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
@@ -166,10 +189,41 @@ def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str
             raise BackboneError(f"pretrained weights for {name!r} could not be loaded ({first}); "
                                 f"{_NO_WEIGHTS_HINT}") from exc
     else:
-        log.warning("training %s from random weights (--no-pretrained)", name)
+        # quiet: the architecture is rebuilt only to receive a checkpoint's weights
+        log.log(logging.DEBUG if quiet else logging.WARNING, "training %s from random weights (--no-pretrained)", name)
         model = timm.create_model(name, pretrained=False, **kwargs)
     reset_head(model)
-    return model, resolve_data_config(model, image_size)
+    data_cfg = resolve_data_config(model, image_size)
+    if image_size is not None:
+        check_input_size(model, name, data_cfg)
+    return model, data_cfg
+
+
+def check_input_size(model: nn.Module, name: str, data_cfg: DataConfig) -> None:
+    """One forward pass of a blank image, so that a size the network cannot take fails now.
+
+    Too small for the downsampling, or not a multiple of a patch or window size, would
+    otherwise fail at the first training step with a shape error from deep inside the model.
+    """
+    c, h, w = data_cfg.input_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, c, h, w))
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        default = (model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[1]
+        raise ConfigError(f"--image-size {h} does not work with backbone {name} ({first}); use its"
+                          f" pretrained size {default}, or try {max(32, -(-h // 32) * 32)} (a multiple of 32)"
+                          ) from None
+    finally:
+        model.train(was_training)
+
+
+def _check_size_range(image_size: int | None) -> None:
+    if image_size is not None and not 16 <= image_size <= 2048:
+        raise ConfigError(f"--image-size {image_size} cannot work; use a size between 16 and 2048 pixels")
 
 
 def reset_head(model: nn.Module) -> None:
@@ -193,8 +247,7 @@ def resolve_data_config(model: nn.Module, image_size: int | None = None) -> Data
     cfg = timm_resolve({}, model=model)
     c, h, w = cfg["input_size"]
     if image_size is not None:
-        if image_size < 16 or image_size > 2048:
-            raise ConfigError(f"--image-size {image_size} cannot work; use a size between 16 and 2048 pixels")
+        _check_size_range(image_size)
         h = w = image_size
     return DataConfig((c, h, w), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"],
                       float(cfg["crop_pct"]))

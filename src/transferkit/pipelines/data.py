@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing as mp
 import os
+import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferkit.errors import DataError
-from transferkit.pipelines.images import is_image_file, load_rgb, probe_image
+from transferkit.pipelines.images import DECODE_ERRORS, describe_error, is_image_file, load_rgb, probe_image
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +56,59 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_files(class_dir: Path) -> list[Path]:
-    out = []
+def _list_files(class_dir: Path) -> list[str]:
+    """Every file under `class_dir`, sorted, as strings: Path objects cost a second per 100,000.
+
+    Linked folders are followed, each real folder once: a link back up the tree would
+    otherwise list its images again at every level until the path grows too long.
+    """
+    out: list[str] = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames))
     return out
 
 
-def _probe_all(paths: Sequence[Path], workers: int, progress: bool) -> list[str | None]:
-    """Probe files in parallel; PIL releases the GIL while decoding, so threads suffice."""
+# Below this many files a process pool costs more to start than it saves.
+_POOL_MIN_FILES = 2000
+
+
+def _probe_all(paths: Sequence[str], workers: int, progress: bool) -> list[str | None]:
+    """Probe every file; processes for large folders, since decoding small files holds the GIL.
+
+    Threads were tried first: on small files most of the time is spent in Python between
+    decoder calls, so threads ran slower than one loop. If a worker process dies (killed for
+    memory, say), the files not yet checked are checked here.
+    """
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        it = pool.map(probe_image, paths)
-        return list(tqdm(it, total=len(paths), desc="scanning images", unit="img",
-                         disable=not progress or len(paths) < 2000, leave=False))
+    names = list(paths)
+    bar = tqdm(total=len(names), desc="scanning images", unit="img", leave=False,
+               disable=not progress or len(names) < _POOL_MIN_FILES)
+    results: list[str | None] = []
+    with bar:
+        if workers > 1 and len(names) >= _POOL_MIN_FILES:
+            chunk = max(16, min(512, len(names) // (workers * 16)))
+            # fork: the probe needs nothing the children would have to import again.
+            ctx = mp.get_context("fork") if sys.platform.startswith("linux") else None
+            try:
+                with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    for r in pool.map(probe_image, names, chunksize=chunk):
+                        results.append(r)
+                        bar.update()
+            except BrokenProcessPool:
+                log.warning("an image-checking process died after %d files; checking the rest in this"
+                            " process", len(results))
+        for name in names[len(results):]:
+            results.append(probe_image(name))
+            bar.update()
+    return results
 
 
 def _scan_split(folder: Path, classes: list[str] | None, workers: int, progress: bool):
@@ -82,33 +122,37 @@ def _scan_split(folder: Path, classes: list[str] | None, workers: int, progress:
             f" (missing: {', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'});"
             " give every split the same class sub-folders"
         )
-    candidates: list[tuple[Path, int]] = []
+    candidates: list[tuple[str, int]] = []
     skipped: list[tuple[str, str]] = []
     for label, d in enumerate(class_dirs):
         for p in _list_files(d):
-            if is_image_file(p):
+            name = os.path.basename(p)
+            if is_image_file(name):
                 candidates.append((p, label))
-            elif not p.name.startswith("."):
-                skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
+            elif not name.startswith("."):
+                skipped.append((p, f"not an image extension ({os.path.splitext(name)[1] or 'none'})"))
     reasons = _probe_all([p for p, _ in candidates], workers, progress)
     samples = []
     for (p, label), reason in zip(candidates, reasons):
         if reason is None:
-            samples.append(Sample(str(p), label))
+            samples.append(Sample(p, label))
         else:
-            skipped.append((str(p), reason))
-    return names, samples, skipped
+            skipped.append((p, reason))
+    return names, samples, sorted(skipped)
 
 
 def scan_folder(root: str | Path, *, workers: int | None = None, progress: bool = True,
                 strict: bool = False) -> ScanResult:
-    """Find classes and usable images under `root`; raise DataError when it cannot be trained on."""
-    root = Path(root).expanduser()
+    """Find classes and usable images under `root`; raise DataError when it cannot be trained on.
+
+    Sample paths are absolute, so that a run's saved splits work from any working directory.
+    """
+    root = Path(root).expanduser().absolute()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; pass a folder with one sub-folder per class")
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder; pass a folder with one sub-folder per class")
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    workers = workers or min(8, os.cpu_count() or 1)
     presplit = (root / "train").is_dir() and (root / "val").is_dir()
     splits: dict[str, list[Sample]] = {}
     skipped: list[tuple[str, str]] = []
@@ -134,8 +178,11 @@ def scan_folder(root: str | Path, *, workers: int | None = None, progress: bool 
     counts = result.counts("train")
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
-        raise DataError(f"class {empty[0]!r} has no usable images in {root}"
-                        f"{' (see the skipped files)' if skipped else ''}; add images or remove the folder")
+        folder = (root / "train" if presplit else root) / empty[0]
+        left = [(p, r) for p, r in skipped if p.startswith(str(folder) + os.sep)]
+        why = f" ({len(left)} file(s) left out, e.g. {left[0][0]}: {left[0][1]})" if left else ""
+        raise DataError(f"class {empty[0]!r} has no usable images in {folder}{why}; add images or"
+                        " remove the folder")
     if presplit and not splits["val"]:
         raise DataError(f"{root / 'val'} has no usable images; add validation images or drop val/")
     if skipped:
@@ -166,10 +213,15 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
     return sorted(train, key=key), sorted(val, key=key)
 
 
+# File names that are not valid UTF-8 reach Python as surrogate escapes; they must round-trip
+# through the CSVs unchanged (a strict codec cannot write them at all).
+_CSV_TEXT = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
+
+
 def write_split_csv(path: Path, samples: Sequence[Sample], classes: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", **_CSV_TEXT) as f:
         w = csv.writer(f)
         w.writerow(["path", "label"])
         for s in samples:
@@ -179,8 +231,15 @@ def write_split_csv(path: Path, samples: Sequence[Sample], classes: Sequence[str
 
 def read_split_csv(path: Path, classes: Sequence[str]) -> list[Sample]:
     index = {c: i for i, c in enumerate(classes)}
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with path.open(**_CSV_TEXT) as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"split file {path} cannot be read ({exc}); restore it, or train again") from None
+    if not {"path", "label"} <= set(reader.fieldnames or ()):
+        raise DataError(f"split file {path} has no path,label header; restore the file written by"
+                        " `transferkit fit`")
     unknown = sorted({r["label"] for r in rows} - set(index))
     if unknown:
         raise DataError(f"{path} names classes the run does not know: {', '.join(unknown[:5])}")
@@ -189,23 +248,35 @@ def read_split_csv(path: Path, classes: Sequence[str]) -> list[Sample]:
 
 def write_skipped_csv(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", **_CSV_TEXT) as f:
         w = csv.writer(f)
         w.writerow(["path", "reason"])
         w.writerows(skipped)
     os.replace(tmp, path)
 
 
+def read_skipped_csv(path: Path) -> list[tuple[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(**_CSV_TEXT) as f:
+        return [(r["path"], r["reason"]) for r in csv.DictReader(f)]
+
+
 class ImageDataset(Dataset):
-    """(image tensor, label, index) triples; a file that fails to load is replaced, not fatal.
+    """(image tensor, label, index) triples.
 
     A file can pass the scan and still break later (changed on disk, a decoder edge case).
-    The epoch goes on with the next sample in its place and the path is logged once.
+    With ``replace_failed`` (training) the epoch goes on with the next sample in its place and
+    the path is logged once. Without it (evaluation, prediction: the default) the failure is a
+    DataError naming the file, because a stand-in image would silently change the metrics or
+    the prediction written for that path.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None):
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None, *,
+                 replace_failed: bool = False):
         self.samples = list(samples)
         self.transform = transform
+        self.replace_failed = replace_failed
         self.failed: set[str] = set()
 
     def __len__(self) -> int:
@@ -217,19 +288,26 @@ class ImageDataset(Dataset):
         return (self.transform(img) if self.transform else img), s.label
 
     def __getitem__(self, index: int):
+        if not self.replace_failed:
+            try:
+                x, y = self._load(index)
+            except DECODE_ERRORS as exc:
+                raise DataError(f"{self.samples[index].path} could not be read ({describe_error(exc)});"
+                                " restore the file, or pass images without it") from None
+            return x, y, index
         n = len(self.samples)
         for attempt in range(min(n, 20)):
             i = (index + attempt) % n
             try:
                 x, y = self._load(i)
                 return x, y, i
-            except (OSError, ValueError, SyntaxError) as exc:
+            except DECODE_ERRORS as exc:
                 path = self.samples[i].path
                 if path not in self.failed:
                     self.failed.add(path)
                     log.warning("could not read %s during training (%s); using another image in its place",
-                                path, exc)
-        raise DataError(f"20 images in a row failed to load near {self.samples[index].path};"
+                                path, describe_error(exc))
+        raise DataError(f"{min(n, 20)} images in a row failed to load, starting at {self.samples[index].path};"
                         " check the data folder")
 
 
@@ -281,8 +359,10 @@ class ImageDataModule(pl.LightningDataModule):
                  eval_transform: Callable, batch_size: int = 32, num_workers: int = 0,
                  test: Sequence[Sample] | None = None, seed: int = 0):
         super().__init__()
-        self.train_ds = ImageDataset(train, train_transform)
-        self.val_ds = ImageDataset(val, eval_transform)
+        self.train_ds = ImageDataset(train, train_transform, replace_failed=True)
+        # A replaced validation image returns its stand-in's index, and the classifier counts
+        # each index once: the broken file drops out of val metrics instead of ending the run.
+        self.val_ds = ImageDataset(val, eval_transform, replace_failed=True)
         self.test_ds = ImageDataset(test, eval_transform) if test else None
         self.batch_size = batch_size
         self.num_workers = num_workers
