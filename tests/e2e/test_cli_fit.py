@@ -81,9 +81,22 @@ def test_predict_writes_labels_and_top_k(trained_run, tmp_path):
     assert sum(r["label"] == "red" for r in red) >= 0.9 * len(red)
 
 
-def test_config_replays_a_run(trained_run, tmp_path):
+def test_config_replays_a_run_into_a_new_directory(trained_run, tmp_path):
     _, out = trained_run
-    from transferkit.pipelines.config import FitConfig
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
+    new = tmp_path / "replay"
+    assert main(["fit", "--config", str(out / "config.yaml"), "--out", str(new), "--epochs", "2"]) == 0
+    old_cfg = yaml.safe_load((out / "config.yaml").read_text())["fit"]
+    new_cfg = yaml.safe_load((new / "config.yaml").read_text())["fit"]
+    assert {k: v for k, v in new_cfg.items() if k not in ("out", "epochs")} == \
+        {k: v for k, v in old_cfg.items() if k not in ("out", "epochs")}
+    assert new_cfg["epochs"] == 2 and new_cfg["out"] == str(new)
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before  # old run untouched
 
-    cfg = FitConfig.load(out / "config.yaml")
-    assert cfg.backbone == "test_resnet" and cfg.epochs == 8 and cfg.image_size == 40
+
+def test_config_replay_without_out_never_reuses_the_old_directory(trained_run, tmp_path, monkeypatch):
+    _, out = trained_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(out / "config.yaml"), "--epochs", "1"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("test_resnet-") and (run / "report.json").is_file()

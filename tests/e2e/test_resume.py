@@ -79,6 +79,36 @@ def test_sigint_then_resume_ends_where_an_uninterrupted_run_ends(data, uninterru
     assert [int(r["epoch"]) for r in _rows(out)] == [1, 2, 3, 4, 5]
 
 
+def test_cached_freeze_with_ema_and_snapshots_resumes_to_the_same_end(data, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
+    args = [*ARGS, "--epochs", "6", "--weights", str(weights), "--finetune", "freeze", "--ema",
+            "--snapshots", "2"]
+    args.remove("--no-pretrained")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["fit", str(data), "--out", str(whole), *args]) == 0
+    proc = _spawn("fit", str(data), "--out", str(cut), *args)
+    _wait_for(lambda: len(_rows(cut)) >= 4 or proc.poll() is not None)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert main(["fit", "--resume", str(cut)]) == 0
+    for name in ("last", "snapshot-1", "snapshot-2"):
+        a = torch.load(whole / f"checkpoints/{name}.ckpt", weights_only=True)
+        b = torch.load(cut / f"checkpoints/{name}.ckpt", weights_only=True)
+        for key in ("state_dict", "ema_state_dict"):
+            for k, v in a[key].items():
+                assert torch.equal(v, b[key][k]), (name, key, k)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_rows(cut)) == strip(_rows(whole))
+
+
 def test_sigterm_ends_cleanly_with_a_resume_hint(data, tmp_path):
     out = tmp_path / "run"
     proc = _spawn("fit", str(data), "--out", str(out), *ARGS)

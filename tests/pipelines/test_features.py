@@ -11,9 +11,11 @@ from safetensors.torch import save_file
 
 from transferkit.augment.image import eval_transform
 from transferkit.cli.main import main
-from transferkit.pipelines.data import scan_folder
+from transferkit.pipelines.data import read_split_csv, scan_folder
+from transferkit.pipelines.evaluate import load_model
 from transferkit.pipelines.features import FeatureDataset, ViewSampler, extract, head_matches, pre_logits
 from transferkit.pipelines.images import load_rgb
+from transferkit.pipelines.run import RunDir
 
 FAST = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "--batch-size", "8",
         "--epochs", "4", "--patience", "0"]
@@ -81,13 +83,29 @@ def test_cached_freeze_checkpoint_predicts_like_its_uncached_twin(color_folder, 
     assert ra["accuracy"] == rb["accuracy"]
 
 
-def test_augmented_views_are_cached_beside_the_clean_one(color_folder, weights, tmp_path):
+def test_augmented_views_are_cached_beside_the_clean_one(color_folder, weights, tmp_path, monkeypatch):
+    import transferkit.pipelines.fit as fit_module
+
+    made = []
+    real = fit_module.FeatureDataModule
+
+    def record(train, *args, **kwargs):
+        made.append(train.clone())
+        return real(train, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "FeatureDataModule", record)
     out = tmp_path / "run"
     assert main(["fit", str(color_folder), "--weights", str(weights), "--finetune", "freeze",
                  "--cache-views", "3", "--out", str(out), *FAST]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["finetune"]["strategy"] == "freeze"
-    assert torch.load(out / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    (train,) = made
+    assert train.shape[0] == 3 and train.shape[1] == len(scan_folder(color_folder).splits["train"]) * 4 // 5
+    assert not torch.equal(train[1], train[0]) and not torch.equal(train[2], train[1])  # augmented draws
+    # view 0 is the clean eval view: the same features a direct pass over the saved train split gives
+    model, dc = load_model(RunDir(out))
+    samples = read_split_csv(out / "splits/train.csv", json.loads((out / "classes.json").read_text()))
+    tf = eval_transform(dc.input_size[1:], dc.mean, dc.std, dc.crop_pct, dc.interpolation)
+    clean = extract(model, samples, tf, progress=False)[0]
+    torch.testing.assert_close(train[0], clean, atol=1e-5, rtol=1e-5)
 
 
 def test_lp_ft_probes_the_head_then_trains_every_group(color_folder, weights, tmp_path):

@@ -128,3 +128,13 @@ def test_real_sms_spam_file(tmp_path):
     assert summary["labels"] == {"ham": 4827, "spam": 747}
     # a few messages are one word or all punctuation: swap leaves them as they are
     assert summary["unchanged"] < 100
+
+
+def test_quoted_newlines_and_unicode_separators_stay_inside_their_field(tmp_path):
+    from transferkit.pipelines.text_dataset import read_table
+
+    path = tmp_path / "t.csv"
+    path.write_text('text,label\n"hello\nworld",1\nfoo\u2028bar,0\n', encoding="utf-8")
+    header, rows, _ = read_table(path)
+    assert header == ["text", "label"]
+    assert rows == [["hello\nworld", "1"], ["foo\u2028bar", "0"]]

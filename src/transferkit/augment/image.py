@@ -84,6 +84,7 @@ __all__ = [
 
 _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
                    "bicubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}
+CV2_INTERPOLATIONS = _INTERPOLATIONS  # for other modules that resize with OpenCV the same way
 _BORDERS = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT}
 
 # Defaults of each op, used when an override switches on an op its preset leaves off.

@@ -29,6 +29,7 @@ from transferkit.backbones.transferability import (
     probe_accuracy,
     subsample,
 )
+from transferkit.backbones.strategies import DEFAULT_LR
 from transferkit.errors import BackboneError, DataError
 
 __all__ = ["Advice", "Measurements", "bn_shift", "decide", "extract_features", "logme", "measure",
@@ -62,10 +63,10 @@ PARTIAL_TOP_FRACTION = 1 / 3
 # Suggested head learning rates (AdamW). A frozen backbone takes a large one: a linear head on
 # frozen mobilenetv1_025 features reached 0.86 val accuracy on hymenoptera at 1e-2 but 0.75 at
 # 3e-3 after 10 epochs. The more of the backbone trains, the smaller, with layer-wise decay below.
-FREEZE_HEAD_LR = 1e-2
-PARTIAL_HEAD_LR = 3e-3
-FULL_HEAD_LR = 1e-3
-LPFT_HEAD_LR = 1e-3  # the fine-tuning phase; its linear-probe phase is a frozen fit at FREEZE_HEAD_LR
+FREEZE_HEAD_LR = DEFAULT_LR["freeze"]
+PARTIAL_HEAD_LR = DEFAULT_LR["partial"]
+FULL_HEAD_LR = DEFAULT_LR["full"]
+LPFT_HEAD_LR = DEFAULT_LR["lp-ft"]  # the fine-tuning phase; its linear-probe phase is a frozen fit at FREEZE_HEAD_LR
 
 
 @dataclass

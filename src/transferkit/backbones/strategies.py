@@ -21,7 +21,6 @@ from torch import nn
 from transferkit.backbones.groups import LayerGroups
 from transferkit.errors import ConfigError
 
-STRATEGIES = ("freeze", "partial", "full", "lp-ft")
 DEFAULT_LAYER_DECAY = 0.5
 DEFAULT_TRAINABLE_GROUPS = 2
 

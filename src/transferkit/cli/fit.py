@@ -95,28 +95,56 @@ def _fit_config(args: argparse.Namespace):
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "config", "resume", "verbose", "command")}
     base = FitConfig.load(args.config).to_dict() if args.config else {}
+    # A replay is a new run: never the old directory, never permission to overwrite it.
+    base.pop("out", None)
+    base.pop("overwrite", None)
     merged = {**base, **given}
     if not merged.get("data"):
         raise UserError("fit needs DATA, the image folder (or --config FILE of a run, or --resume RUN_DIR)")
-    merged["data"] = str(merged["data"])
+    # Absolute paths, so that config.yaml replays, resumes and evaluates from any directory.
+    for key in ("data", "weights", "backbone_plugin"):
+        if merged.get(key):
+            merged[key] = str(Path(merged[key]).expanduser().absolute())
     return FitConfig.from_dict(merged, source="arguments").validate()
+
+
+def _launch():
+    """This process's place in a multi-process launch, from the launchers' environment variables.
+
+    Lightning's own launcher re-runs this command with LOCAL_RANK/NODE_RANK set, after rank 0 has
+    written the run (and exported its directory); torchrun sets RANK, SLURM sets SLURM_PROCID.
+    """
+    from transferkit.pipelines.fit import Launch
+
+    env = os.environ
+    rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+    local = int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or 0)
+    rank = rank or local or int(env.get("NODE_RANK") or 0)
+    return Launch(rank=rank, local_rank=local, parent_wrote=rank != 0 and RUN_DIR_ENV in env)
 
 
 def _cmd_fit(args) -> int:
     from transferkit.pipelines.fit import default_out, fit, resume
 
+    launch = _launch()
     if args.resume:
         extra = sorted(k for k in vars(args) if k not in ("func", "config", "resume", "verbose", "command"))
         if extra or args.config:
             raise UserError(f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--config'}")
-        report = resume(args.resume, progress=progress())
+        report = resume(args.resume, progress=progress(), launch=launch)
         out = args.resume
     else:
         cfg = _fit_config(args)
         if not cfg.out:
-            cfg.out = os.environ.get(RUN_DIR_ENV) or str(default_out(cfg.backbone))
-        os.environ[RUN_DIR_ENV] = cfg.out  # inherited by DDP child processes, which re-run this command
-        report = fit(cfg, progress=progress())
+            cfg.out = os.environ.get(RUN_DIR_ENV) if launch.parent_wrote else str(default_out(cfg.backbone))
+        # Lightning's launcher re-runs this command for ranks > 0; they inherit the directory here.
+        inherited = RUN_DIR_ENV in os.environ
+        os.environ[RUN_DIR_ENV] = cfg.out
+        try:
+            report = fit(cfg, progress=progress(), launch=launch)
+        finally:
+            if not inherited:
+                os.environ.pop(RUN_DIR_ENV, None)
         out = cfg.out
     if report is None:
         return 0

@@ -5,11 +5,22 @@ import time
 
 from torch.utils.data import DataLoader
 
+import torch
+
 from transferkit.augment.image import eval_transform
 from transferkit.backbones import factory
-from transferkit.backbones.advisor import Advice, decide, measure
-from transferkit.backbones.groups import layer_groups
-from transferkit.pipelines.data import ImageDataset, scan_folder, stratified_split
+from transferkit.backbones.advisor import Advice, decide, measure_with_features
+from transferkit.backbones.groups import LayerGroups, layer_groups
+from transferkit.pipelines.data import ImageDataset, Sample, scan_folder, stratified_split
+
+
+def advice_for(model, groups: LayerGroups, samples: list[Sample], transform, *, batch_size: int = 32,
+               workers: int = 0, seed: int = 0, device: str | torch.device = "cpu",
+               progress: bool = True) -> tuple[Advice, torch.Tensor]:
+    """Measure `samples` with the frozen `model` and decide; also return the pooled features."""
+    loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, num_workers=workers)
+    m, feats, _ = measure_with_features(model, loader, seed=seed, device=device, progress=progress)
+    return decide(m, num_groups=len(groups), group_labels=groups.labels), torch.from_numpy(feats)
 
 
 def advise(data: str, backbone: str, *, pretrained: bool = True, weights: str | None = None,
@@ -26,9 +37,9 @@ def advise(data: str, backbone: str, *, pretrained: bool = True, weights: str | 
                                plugin=plugin, image_size=image_size)
     groups = layer_groups(model)
     tf = eval_transform(dc.input_size[1:], dc.mean, dc.std, dc.crop_pct, dc.interpolation)
-    loader = DataLoader(ImageDataset(train, tf), batch_size=batch_size, num_workers=workers)
-    advice = decide(measure(model, loader, seed=seed, progress=progress), num_groups=len(groups),
-                    group_labels=groups.labels)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    advice, _ = advice_for(model, groups, train, tf, batch_size=batch_size, workers=workers, seed=seed,
+                           device=device, progress=progress)
     info = {"data": str(data), "backbone": backbone, "classes": scan.classes, "train_images": len(train),
             "groups": list(groups.labels), "seconds": round(time.monotonic() - t0, 1)}
     return advice, info

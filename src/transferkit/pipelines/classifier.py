@@ -48,6 +48,18 @@ def lr_factor(step: int, total: int, warmup: int, cfg: OptimConfig, steps_per_ep
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def first_per_index(rows: torch.Tensor) -> torch.Tensor:
+    """Rows (index, ...) with each sample index once: a distributed sampler repeats samples to pad ranks."""
+    idx = rows[:, 0].long()
+    keep = torch.zeros_like(idx, dtype=torch.bool)
+    if len(idx):
+        order = torch.argsort(idx, stable=True)
+        first = torch.ones_like(idx, dtype=torch.bool)
+        first[1:] = idx[order][1:] != idx[order][:-1]
+        keep[order[first]] = True
+    return rows[keep]
+
+
 class ImageClassifier(pl.LightningModule):
     """A timm model trained under a fine-tuning plan.
 
@@ -97,10 +109,11 @@ class ImageClassifier(pl.LightningModule):
             logits = self(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
         if not torch.isfinite(loss):
+            half = not str(self.trainer.precision).startswith(("32", "64"))
             raise TrainingDiverged(
                 f"the training loss became {loss.item()} at epoch {self.current_epoch + 1}, step"
-                f" {batch_idx + 1}; lower --lr (now {self.optim.lr:g}) or use --precision 32;"
-                " the last good checkpoint is kept")
+                f" {batch_idx + 1}; lower --lr (now {self.optim.lr:g})"
+                + (" or train with --precision 32-true" if half else ""))
         correct = (logits.argmax(-1) == y).float().sum()
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=len(y))
@@ -124,14 +137,7 @@ class ImageClassifier(pl.LightningModule):
             # The distributed sampler pads ranks to equal length with repeated samples: gather
             # every rank's rows and count each sample index once.
             rows = self.all_gather(rows).reshape(-1, 3)
-        idx = rows[:, 0].long()
-        keep = torch.zeros_like(idx, dtype=torch.bool)
-        if len(idx):
-            order = torch.argsort(idx, stable=True)
-            first = torch.ones_like(idx, dtype=torch.bool)
-            first[1:] = idx[order][1:] != idx[order][:-1]
-            keep[order[first]] = True
-        rows = rows[keep]
+        rows = first_per_index(rows)
         n = max(1, len(rows))
         self.log("val_loss", rows[:, 1].sum() / n, prog_bar=False, rank_zero_only=False)
         self.log("val_acc", rows[:, 2].sum() / n, prog_bar=True, rank_zero_only=False)

@@ -77,6 +77,18 @@ class FitConfig:
             raise ConfigError(f"--lr {self.lr} must be positive, e.g. 1e-3")
         if self.image_size is not None and not 16 <= self.image_size <= 2048:
             raise ConfigError(f"--image-size {self.image_size} cannot work; use 16 to 2048 pixels")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay} must be 0 or more, e.g. 0.05")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing} must be in [0, 1), e.g. 0.1")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip {self.grad_clip} must be 0 (off) or a positive norm, e.g. 1.0")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers {self.workers} must be 0 or more")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay {self.layer_decay} must be in (0, 1]; 1 means one rate for all layers")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction {self.val_fraction} must be between 0 and 1, e.g. 0.2")
         if self.patience < 0:
             raise ConfigError(f"--patience {self.patience} must be 0 (off) or more")
         if self.mix_off_epoch < 0 or self.mix_off_epoch >= self.epochs and (self.mixup or self.cutmix):

@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel
 
 from transferkit.errors import CheckpointError, ConfigError
+from transferkit.pipelines.classifier import first_per_index
 from transferkit.pipelines.run import RunDir, atomic_torch_save, safe_load
 
 log = logging.getLogger(__name__)
@@ -141,18 +142,6 @@ def _averaged(module: nn.Module, **kwargs) -> AveragedModel:
     avg = AveragedModel(module, **kwargs)
     avg.module.eval().requires_grad_(False)
     return avg
-
-
-def _first_per_index(rows: Tensor) -> Tensor:
-    """Rows (index, ...) with each sample index once: a distributed sampler repeats samples to pad ranks."""
-    idx = rows[:, 0].long()
-    keep = torch.zeros_like(idx, dtype=torch.bool)
-    if len(idx):
-        order = torch.argsort(idx, stable=True)
-        first = torch.ones_like(idx, dtype=torch.bool)
-        first[1:] = idx[order][1:] != idx[order][:-1]
-        keep[order[first]] = True
-    return rows[keep]
 
 
 def ema_multi_avg_fn(decay: float) -> Callable:
@@ -310,7 +299,7 @@ class EMACallback(pl.Callback):
         self._rows = []
         if trainer.world_size > 1:
             rows = pl_module.all_gather(rows).reshape(-1, 3)
-        rows = _first_per_index(rows)
+        rows = first_per_index(rows)
         n = max(1, len(rows))
         pl_module.log("val_loss_ema", rows[:, 1].sum() / n, rank_zero_only=False)
         pl_module.log("val_acc_ema", rows[:, 2].sum() / n, prog_bar=True, rank_zero_only=False)

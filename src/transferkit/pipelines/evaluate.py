@@ -99,7 +99,7 @@ def build_model(run: RunDir) -> tuple[nn.Module, DataConfig]:
     """The run's architecture with random weights (nothing is downloaded) and its data config."""
     cfg = run_config(run)
     return factory.create(cfg.backbone, len(run.classes()), pretrained=False, plugin=cfg.backbone_plugin,
-                          image_size=cfg.image_size)
+                          image_size=cfg.image_size, quiet=True)
 
 
 def load_weights(model: nn.Module, state_dict: dict) -> nn.Module:

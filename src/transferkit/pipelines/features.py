@@ -50,21 +50,27 @@ def _storage(shape: tuple[int, ...], path: Path | None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: int = 1, seed: int = 0,
-            batch_size: int = 64, workers: int = 0, device: str | torch.device = "cpu",
-            cache_file: Path | None = None, progress: bool = True, desc: str = "features") -> torch.Tensor:
-    """Features ``(views, n, d)`` of the frozen `model` over `samples` through `transform`.
+def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: int = 1, augment=None,
+            first_view: torch.Tensor | None = None, seed: int = 0, batch_size: int = 64, workers: int = 0,
+            device: str | torch.device = "cpu", cache_file: Path | None = None, progress: bool = True,
+            desc: str = "features") -> torch.Tensor:
+    """Features ``(views, n, d)`` of the frozen `model` over `samples`.
 
-    View k is drawn with torch seeded from (seed, k), so the same seed gives the same cache.
+    View 0 goes through `transform` (or is `first_view`, features computed already); views
+    1.. go through `augment` (default `transform`), view k drawn with torch seeded from
+    (seed, k), so the same seed gives the same cache.
     """
     from tqdm.auto import tqdm
 
     was = model.training
     model.eval().to(device)
-    ds = ImageDataset(samples, transform)
     out: torch.Tensor | None = None
+    if first_view is not None:
+        out = _storage((views, len(samples), first_view.shape[1]), cache_file)
+        out[0] = first_view
     try:
-        for k in range(views):
+        for k in range(1 if first_view is not None else 0, views):
+            ds = ImageDataset(samples, transform if k == 0 else (augment or transform), replace_failed=False)
             torch.manual_seed(epoch_seed(seed, 10_000 + k) % 2**63)
             g = torch.Generator().manual_seed(epoch_seed(seed, 20_000 + k))
             loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, generator=g)
@@ -73,7 +79,7 @@ def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: in
             for x, _, _ in tqdm(loader, desc=label, leave=False, disable=not progress):
                 f = pre_logits(model, x.to(device)).float().cpu()
                 if out is None:
-                    out = _storage((views, len(ds), f.shape[1]), cache_file)
+                    out = _storage((views, len(samples), f.shape[1]), cache_file)
                 out[k, pos:pos + len(f)] = f
                 pos += len(f)
     finally:
@@ -99,17 +105,29 @@ class FeatureDataset(Dataset):
 
 
 class ViewSampler(EpochSampler):
-    """Every image once per epoch, each through one of its cached views, chosen by (seed, epoch)."""
+    """Every image once per epoch, each through one of its cached views, chosen by (seed, epoch).
 
-    def __init__(self, n: int, views: int, seed: int, generator: torch.Generator, epoch: int = 0):
-        self.views = views
+    With several processes, rank r takes every world-th index of the same order (padded with
+    repeats to equal length, as torch's DistributedSampler does), so an epoch still means one
+    view of each image; Lightning's own sampler would walk every view.
+    """
+
+    def __init__(self, n: int, views: int, seed: int, generator: torch.Generator, epoch: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.views, self.rank, self.world = views, rank, world
         super().__init__(n, seed, generator, epoch)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + 1)
         order = torch.randperm(self.n, generator=g)
         view = torch.randint(0, self.views, (self.n,), generator=g)
-        return iter((view * self.n + order).tolist())
+        flat = (view * self.n + order).tolist()
+        if self.world > 1:
+            flat = (flat * 2)[: len(self) * self.world][self.rank::self.world]
+        return iter(flat)
 
 
 class FeatureDataModule(pl.LightningDataModule):
@@ -122,13 +140,12 @@ class FeatureDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        n = self.train_ds.n
-        drop = n % self.batch_size == 1 and n > self.batch_size
-        if trainer is not None and trainer.world_size > 1:
-            return DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, drop_last=drop)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         g = torch.Generator()
         epoch = trainer.current_epoch if trainer is not None else 0
-        sampler = ViewSampler(n, self.train_ds.views, self.seed, g, epoch)
+        sampler = ViewSampler(self.train_ds.n, self.train_ds.views, self.seed, g, epoch, rank, world)
+        per_rank = len(sampler)
+        drop = per_rank % self.batch_size == 1 and per_rank > self.batch_size
         return DataLoader(self.train_ds, batch_size=self.batch_size, sampler=sampler, generator=g, drop_last=drop)
 
     def val_dataloader(self) -> DataLoader:

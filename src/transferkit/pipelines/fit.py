@@ -4,7 +4,6 @@ Read top to bottom, this is the recipe; each step is one call into the module th
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ from transferkit.pipelines.data import (
     ImageDataModule,
     ImageDataset,
     ScanResult,
+    read_skipped_csv,
     read_split_csv,
     scan_folder,
     stratified_split,
@@ -56,11 +56,26 @@ from transferkit.pipelines.evaluate import (
     predict_proba,
     run_config,
 )
+from transferkit.pipelines.advise import advice_for
 from transferkit.pipelines.features import FeatureDataModule, extract, head_matches
 from transferkit.pipelines.images import load_rgb
 from transferkit.pipelines.run import AtomicCheckpointIO, MetricsCSV, RunDir, safe_load
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in a multi-process launch (the CLI reads it from the environment).
+
+    `parent_wrote`: this process was started by Lightning's launcher after rank 0 had written the
+    run directory, so it may read the splits and decision from there. Under torchrun or SLURM all
+    ranks start together and every rank derives them itself (they are deterministic).
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    parent_wrote: bool = False
 
 
 @dataclass
@@ -82,31 +97,40 @@ class Prepared:
     train_tf: object
     eval_tf: object
     workers: int
+    device: torch.device
+    launch: Launch
     clean_features: torch.Tensor | None = None  # the advisor's pass over train (eval transform)
+
+
+def default_out(backbone: str) -> Path:
+    return Path("runs") / f"{backbone.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None,
-            progress: bool = True) -> Prepared:
+def prepare(cfg: FitConfig, *, write: bool = True, saved: RunDir | None = None, resume: bool = False,
+            progress: bool = True, launch: Launch = Launch()) -> Prepared:
     """Validate everything that can be wrong before a single file is written.
 
-    With `resume`, the classes and splits saved in that run are used, not a new scan.
+    With `saved`, the classes, splits and strategy of that run directory are used, not a new scan
+    and measurement; with `resume`, the model starts from its last checkpoint too.
     """
     check_averaging(cfg.validate())
+    _check_devices(cfg)
     if write and cfg.out and RunDir(cfg.out).holds_run() and not cfg.overwrite:
         RunDir.create(cfg.out, overwrite=False)  # raises the one-line error
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    if resume is not None:
-        classes = resume.classes()
-        train = read_split_csv(resume.splits / "train.csv", classes)
-        val = read_split_csv(resume.splits / "val.csv", classes)
-        test_csv = resume.splits / "test.csv"
+    if saved is not None:
+        classes = saved.classes()
+        train = read_split_csv(saved.splits / "train.csv", classes)
+        val = read_split_csv(saved.splits / "val.csv", classes)
+        test_csv = saved.splits / "test.csv"
         test = read_split_csv(test_csv, classes) if test_csv.exists() else []
-        scan = ScanResult(Path(cfg.data), classes, {"train": train, "val": val}, [], presplit=True)
+        scan = ScanResult(Path(cfg.data), classes, {"train": train, "val": val}, read_skipped_csv(saved.skipped),
+                          presplit=True)
     else:
         scan = scan_folder(cfg.data, strict=cfg.strict)
         classes = scan.classes
@@ -116,17 +140,24 @@ def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None,
             train, val = stratified_split(scan.splits["train"], cfg.val_fraction, cfg.seed)
         test = scan.splits.get("test", [])
 
-    model, data_cfg = factory.create(cfg.backbone, len(classes), pretrained=cfg.pretrained,
-                                     weights=cfg.weights, plugin=cfg.backbone_plugin,
-                                     image_size=cfg.image_size)
+    if resume:  # everything comes from the checkpoint: no hub, no weights file needed again
+        model, data_cfg = factory.create(cfg.backbone, len(classes), pretrained=False, plugin=cfg.backbone_plugin,
+                                         image_size=cfg.image_size, quiet=True)
+        state = safe_load(saved.checkpoint("last"))["state_dict"]
+        model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    else:
+        model, data_cfg = factory.create(cfg.backbone, len(classes), pretrained=cfg.pretrained,
+                                         weights=cfg.weights, plugin=cfg.backbone_plugin,
+                                         image_size=cfg.image_size)
     groups = layer_groups(model)
+    device = _device(cfg, launch.local_rank)
     overrides = parse_overrides(cfg.aug)
     size = data_cfg.input_size[1:]
     eval_tf = eval_transform(size, data_cfg.mean, data_cfg.std, data_cfg.crop_pct, data_cfg.interpolation)
     workers = default_workers() if cfg.workers is None else cfg.workers
     from_scratch = not (cfg.pretrained or cfg.weights)
-    decision = _decide(cfg, model, groups, train, len(classes), eval_tf, workers, from_scratch,
-                       saved=resume.read_config().get("resolved", {}).get("finetune") if resume else None,
+    decision = _decide(cfg, model, groups, train, eval_tf, workers, from_scratch, device,
+                       saved=saved.read_config().get("resolved", {}).get("finetune") if saved else None,
                        progress=progress)
     strategy = decision["strategy"]
     plan = make_plan(strategy, groups, decision["trainable_groups"] or cfg.trainable_groups, decision["reason"])
@@ -134,7 +165,7 @@ def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None,
     lr = cfg.lr or decision.get("suggested_lr") or (SCRATCH_LR if from_scratch else DEFAULT_LR[strategy])
     lr *= SGD_LR_FACTOR if cfg.optimizer == "sgd" and not cfg.lr else 1.0
     # Random low layers have nothing worth protecting: one rate for all of them.
-    layer_decay = cfg.layer_decay or (1.0 if from_scratch else DEFAULT_LAYER_DECAY)
+    layer_decay = cfg.layer_decay if cfg.layer_decay is not None else (1.0 if from_scratch else DEFAULT_LAYER_DECAY)
 
     if cfg.augment == "none":
         if overrides:
@@ -173,13 +204,13 @@ def prepare(cfg: FitConfig, *, write: bool = True, resume: RunDir | None = None,
             write_split_csv(run.splits / "test.csv", test, classes)
         write_skipped_csv(run.skipped, scan.skipped)
     return Prepared(cfg, run, classes, train, val, test, scan.skipped, model, data_cfg, module, dm, finetune,
-                    train_tf, eval_tf, workers, decision.get("clean_features"))
+                    train_tf, eval_tf, workers, device, launch, decision.get("clean_features"))
 
 
-def _decide(cfg: FitConfig, model, groups, train: list, num_classes: int, eval_tf, workers: int,
-            from_scratch: bool, saved: dict | None, progress: bool) -> dict:
-    """The strategy: as given, as saved in a resumed run, or measured by the advisor (auto)."""
-    if saved is not None:  # a resumed run keeps its decision
+def _decide(cfg: FitConfig, model, groups, train: list, eval_tf, workers: int, from_scratch: bool,
+            device: torch.device, saved: dict | None, progress: bool) -> dict:
+    """The strategy: as given, as saved in the run directory, or measured by the advisor (auto)."""
+    if saved is not None:
         k = len(saved["trainable_groups"]) - 1 if saved["strategy"] == "partial" else None
         return {"strategy": saved["strategy"], "trainable_groups": k, "reason": saved["reason"],
                 "suggested_lr": saved.get("suggested_lr"), **({"advice": saved["advice"]} if "advice" in saved else {})}
@@ -188,24 +219,37 @@ def _decide(cfg: FitConfig, model, groups, train: list, num_classes: int, eval_t
     if from_scratch:
         return {"strategy": "full", "trainable_groups": None,
                 "reason": "random weights (--no-pretrained): nothing pretrained to keep -> full"}
-    from torch.utils.data import DataLoader
-
-    from transferkit.backbones.advisor import decide, measure_with_features
-
-    loader = DataLoader(ImageDataset(train, eval_tf), batch_size=cfg.batch_size, num_workers=workers)
-    m, feats, labels = measure_with_features(model, loader, seed=cfg.seed, progress=progress)
-    advice = decide(m, num_groups=len(groups), group_labels=groups.labels)
+    advice, feats = advice_for(model, groups, train, eval_tf, batch_size=cfg.batch_size, workers=workers,
+                               seed=cfg.seed, device=device, progress=progress)
     log.info(advice.summary())
     return {"strategy": advice.strategy, "trainable_groups": advice.trainable_groups,
             "reason": "; ".join(advice.reasons), "suggested_lr": advice.lr, "advice": advice.to_dict(),
-            "clean_features": torch.from_numpy(feats)}
+            "clean_features": feats}
 
 
-def default_out(backbone: str) -> Path:
-    return Path("runs") / f"{backbone.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _device(cfg: FitConfig, local_rank: int) -> torch.device:
+    """Where the frozen passes (advisor, feature cache, final evaluation) run."""
+    if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
-def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
+def _check_devices(cfg: FitConfig) -> None:
+    """Let Lightning judge --accelerator/--devices/--precision before anything is written."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    devices: int | str = int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices
+    try:
+        pl.Trainer(accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes, precision=cfg.precision,
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --precision {cfg.precision}"
+                          f" cannot run here: {first}") from None
+
+
+def make_trainer(p: Prepared, *, progress: bool = True, cached: bool = False) -> pl.Trainer:
+    """The Trainer; `cached`: the data are frozen features whose sampler shards itself by rank."""
     cfg = p.cfg
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(dirpath=p.run.checkpoints, filename="best", monitor="val_acc", mode="max",
@@ -216,7 +260,6 @@ def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
         MetricsCSV(p.run.metrics),
         EpochSeed(cfg.seed),
     ]
-
     callbacks += averaging_callbacks(cfg, p.run.checkpoints, progress=progress, bn_loader=lambda: (
         torch.utils.data.DataLoader(ImageDataset(p.train, p.eval_tf, replace_failed=True),  # BN statistics only
                                     batch_size=cfg.batch_size, num_workers=p.workers)))
@@ -236,21 +279,23 @@ def make_trainer(p: Prepared, *, progress: bool = True) -> pl.Trainer:
         strategy=strategy, precision=cfg.precision, callbacks=callbacks, plugins=plugins, logger=False,
         default_root_dir=p.run.path, gradient_clip_val=cfg.grad_clip or None,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        deterministic="warn" if torch.cuda.is_available() else True,
+        deterministic="warn" if torch.cuda.is_available() else True, use_distributed_sampler=not cached,
     )
 
 
-def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
+def fit(cfg: FitConfig, *, progress: bool = True, launch: Launch = Launch()) -> dict | None:
     """Train and write the run directory; return the report on rank 0 (None on other ranks)."""
-    child = _is_child_process()
-    # DDP children start after rank 0 wrote the run: they take its classes, splits and
-    # strategy instead of scanning and measuring again (and possibly seeing other files).
-    saved = RunDir(cfg.out) if child and cfg.out and RunDir(cfg.out).skipped.exists() else None
-    p = prepare(cfg, write=not child, resume=saved, progress=progress)
+    child = launch.rank != 0
+    if child and not cfg.out:
+        raise ConfigError("with several processes every rank needs the same run directory: pass --out")
+    # Children of Lightning's launcher start after rank 0 wrote the run: they take its classes,
+    # splits and strategy instead of scanning and measuring again.
+    saved = RunDir(cfg.out) if child and launch.parent_wrote else None
+    p = prepare(cfg, write=not child, saved=saved, progress=progress, launch=launch)
     return _train(p, progress=progress)
 
 
-def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
+def resume(run_dir: str | Path, *, progress: bool = True, launch: Launch = Launch()) -> dict | None:
     """Continue an interrupted run from its last complete epoch, with its own config and splits."""
     run = RunDir.open(run_dir)
     if not run.checkpoint("last").exists():
@@ -260,7 +305,7 @@ def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
         stale.unlink()  # a write cut short by a kill; the complete file it was replacing is intact
     cfg = run_config(run)
     cfg.out = str(run.path)
-    p = prepare(cfg, write=False, resume=run, progress=progress)
+    p = prepare(cfg, write=False, saved=run, resume=True, progress=progress, launch=launch)
     return _train(p, progress=progress, ckpt_path=run.checkpoint("last"))
 
 
@@ -269,12 +314,15 @@ def _train(p: Prepared, *, progress: bool, ckpt_path: Path | None = None) -> dic
     log.info("fine-tuning: %s (%s); trainable groups: %s", strategy, p.finetune["reason"],
              ", ".join(p.finetune["trainable_groups"]))
     t0 = time.monotonic()
-    cache = _feature_cache(p, progress) if strategy in ("freeze", "lp-ft") else None
-    if strategy == "lp-ft" and ckpt_path is None:
+    # lp-ft needs its probe once: not on resume (the checkpoint has moved on), not on ranks > 0
+    # (DDP copies rank 0's weights to every rank when it wraps the model).
+    probe = strategy == "lp-ft" and ckpt_path is None and p.launch.rank == 0
+    cache = _feature_cache(p, progress) if strategy == "freeze" or probe else None
+    if probe:
         _linear_probe(p, cache, progress)
     datamodule = cache if cache is not None and strategy == "freeze" else p.datamodule
     p.module.head_only = datamodule is cache
-    trainer = make_trainer(p, progress=progress)
+    trainer = make_trainer(p, progress=progress, cached=datamodule is cache)
     try:
         trainer.fit(p.module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)
@@ -310,17 +358,15 @@ def _feature_cache(p: Prepared, progress: bool) -> FeatureDataModule | None:
                  cfg.backbone)
         return None
     t0 = time.monotonic()
-    kw = dict(seed=cfg.seed, batch_size=max(cfg.batch_size, 64), workers=p.workers, progress=progress)
-    clean = p.clean_features
-    if clean is None:
-        clean = extract(model, p.train, p.eval_tf, desc="frozen features: train", **kw)[0]
-    views = [clean.unsqueeze(0)]
-    if cfg.cache_views > 1:
-        views.append(extract(model, p.train, p.train_tf, views=cfg.cache_views - 1,
-                             cache_file=p.run.path / "cache" / "train-augmented.npy",
-                             desc="frozen features: augmented train", **kw))
-    train = torch.cat(views) if len(views) > 1 else views[0]
-    val = extract(model, p.val, p.eval_tf, desc="frozen features: val", **kw)
+    kw = dict(seed=cfg.seed, batch_size=max(cfg.batch_size, 64), workers=p.workers, progress=progress,
+              device=p.device)
+    cache_dir = p.run.path / "cache" / f"rank{p.launch.rank}"
+    # One (views, n, d) store, memory-mapped when large: view 0 is the clean eval view (the
+    # advisor's pass when there was one), views 1.. are augmented draws.
+    train = extract(model, p.train, p.eval_tf, views=cfg.cache_views, augment=p.train_tf,
+                    first_view=p.clean_features, cache_file=cache_dir / "train.npy",
+                    desc="frozen features: train", **kw)
+    val = extract(model, p.val, p.eval_tf, cache_file=cache_dir / "val.npy", desc="frozen features: val", **kw)
     log.info("cached frozen features of %d train images x %d view(s) and %d val images in %.1f s",
              len(p.train), train.shape[0], len(p.val), time.monotonic() - t0)
     return FeatureDataModule(train, [s.label for s in p.train], val, [s.label for s in p.val],
@@ -346,7 +392,7 @@ def _linear_probe(p: Prepared, cache: FeatureDataModule | None, progress: bool) 
 
 def _diverged(run: RunDir, exc: TrainingDiverged) -> TrainingDiverged:
     """The divergence message, with what the run directory really kept."""
-    msg = str(exc).removesuffix("; the last good checkpoint is kept")
+    msg = str(exc)
     last = run.checkpoint("last")
     if not last.exists():
         return TrainingDiverged(f"{msg}; no epoch had finished, so no checkpoint was written")
@@ -366,10 +412,6 @@ def _interrupted(run: RunDir, what: str) -> RunInterrupted:
                           f" `transferkit fit --resume {run.path}`")
 
 
-def _is_child_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
-
-
 def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = True,
            val_features: torch.Tensor | None = None) -> dict:
     """Evaluate the best checkpoint on val in one process and write report.json and the plots.
@@ -385,12 +427,14 @@ def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = Tr
     p.module.load_state_dict(state)
     if val_features is not None:
         with torch.inference_mode():
-            probs = torch.softmax(p.model.eval().get_classifier()(val_features), -1).numpy()
+            clf = p.model.eval().get_classifier().cpu()
+            probs = torch.softmax(clf(val_features), -1).numpy()
         labels = np.array([s.label for s in p.val])
     else:
         loader = torch.utils.data.DataLoader(ImageDataset(p.val, p.eval_tf), batch_size=p.cfg.batch_size,
                                              num_workers=p.workers)
-        probs, labels = predict_proba(p.model, loader, desc="evaluating best checkpoint", progress=progress)
+        probs, labels = predict_proba(p.model, loader, p.device, desc="evaluating best checkpoint",
+                                      progress=progress)
     metrics = classification_metrics(probs, labels, p.classes)
     es = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
     mc = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
@@ -414,7 +458,3 @@ def finish(p: Prepared, trainer: pl.Trainer, seconds: float, progress: bool = Tr
                    title=f"val, best checkpoint: accuracy {metrics['accuracy']:.3f}")
     log.info("report written to %s", run.report)
     return report
-
-
-def load_report(run: RunDir) -> dict:
-    return json.loads(run.report.read_text())

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Sequence
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferkit.augment.image import eval_transform
+from transferkit.augment.image import CV2_INTERPOLATIONS, eval_transform
 from transferkit.augment.tta import TTA, View, merge_probs, parse_views, prepared_size
 from transferkit.backbones.factory import DataConfig
 from transferkit.errors import ConfigError, DataError
@@ -47,8 +46,6 @@ from transferkit.pipelines.run import RunDir
 
 log = logging.getLogger(__name__)
 
-_CV2_INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
-                       "bicubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -119,7 +116,7 @@ class EvalRegion:
         rh, rw = prepared_size((h, w), data_cfg.crop_pct)
         # An even margin around the crop centres it exactly under both rounding rules.
         self.region = (rh - (rh - h) % 2, rw - (rw - w) % 2)
-        self._resize = A.SmallestMaxSize(max_size_hw=(rh, rw), interpolation=_CV2_INTERPOLATIONS[
+        self._resize = A.SmallestMaxSize(max_size_hw=(rh, rw), interpolation=CV2_INTERPOLATIONS[
             data_cfg.interpolation], area_for_downscale="image", p=1.0)
         # The same arithmetic as augment.image.ImageTransform, so plain pixels are bit-identical.
         self._shift = torch.tensor([255.0 * m for m in data_cfg.mean], dtype=torch.float32).view(3, 1, 1)
@@ -365,7 +362,7 @@ def predict_paths(run_dir: str | Path, paths: Sequence[str | Path], out: str | P
     for k in range(2, top_k + 1):
         header += [f"label_{k}", f"probability_{k}"]
     tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(header)
         for path, row, top in zip(files, probs, order):

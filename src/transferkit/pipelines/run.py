@@ -22,6 +22,7 @@ import torch
 import yaml
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from transferkit.backbones.factory import refused_global
 from transferkit.errors import CheckpointError, RunDirError
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,19 @@ class RunDir:
                                   " --out, or --resume to continue it")
             for f in (run.checkpoints.glob("*.ckpt") if run.checkpoints.exists() else []):
                 f.unlink()
-            for f in (run.metrics, run.report, run.evaluation):
+            # Everything a run writes, so nothing of the old run can pass for the new one
+            # (a stale splits/test.csv would be evaluated as if it were the new data's).
+            stale = [run.metrics, run.report, run.evaluation, run.skipped]
+            stale += list(run.splits.glob("*.csv")) + list(run.plots.glob("*.png"))
+            for f in stale:
                 f.unlink(missing_ok=True)
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.checkpoints.mkdir(exist_ok=True)
-        run.plots.mkdir(exist_ok=True)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.checkpoints.mkdir(exist_ok=True)
+            run.plots.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run directory {run.path} ({exc.strerror or exc});"
+                              " pass an --out folder you can write to") from None
         return run
 
     @classmethod
@@ -77,10 +86,28 @@ class RunDir:
         return run
 
     def classes(self) -> list[str]:
-        return json.loads(self.classes_json.read_text())
+        try:
+            classes = json.loads(self.classes_json.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{self.classes_json} cannot be read ({exc}); it must be the class list"
+                              " written by `transferkit fit`") from None
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise RunDirError(f"{self.classes_json} is not a list of class names; restore the file"
+                              " written by `transferkit fit`")
+        return classes
 
     def read_config(self) -> dict:
-        return yaml.safe_load(self.config.read_text())
+        """The saved config, read with ``yaml.safe_load``: a tag that would build Python objects is refused."""
+        try:
+            body = yaml.safe_load(self.config.read_text())
+        except yaml.YAMLError as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise RunDirError(f"{self.config} is not plain YAML settings ({first}); restore the config.yaml"
+                              " written by `transferkit fit`") from None
+        if not isinstance(body, dict) or not isinstance(body.get("fit"), dict):
+            raise RunDirError(f"{self.config} has no `fit:` settings; restore the config.yaml written by"
+                              " `transferkit fit`")
+        return body
 
     def write_json(self, path: Path, data: Any) -> None:
         tmp = path.with_suffix(".tmp")
@@ -133,10 +160,10 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
-            raise CheckpointError(f"refusing to load {path}: it holds code or objects beyond plain tensors"
-                                  f" ({first}); only load checkpoints written by transferkit from sources"
-                                  " you trust") from None
+        if refused := refused_global(exc):
+            raise CheckpointError(f"refusing to load {path}: unpickling it would call {refused}, which a"
+                                  " transferkit checkpoint never holds; only use checkpoints written by"
+                                  " transferkit from sources you trust") from None
         raise CheckpointError(f"checkpoint {path} cannot be read ({first}); it may be incomplete or"
                               " corrupt: use another checkpoint of the run") from None
 
@@ -161,7 +188,10 @@ class MetricsCSV(pl.Callback):
     checkpoint callbacks last), so a checkpoint never holds an epoch that metrics.csv lacks.
     """
 
-    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+    # val_count: how many val images the metrics cover, each once (fewer than the split when a
+    # file broke during training and was dropped).
+    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_loss_ema", "val_acc_ema",
+               "val_count", "lr", "seconds")
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -202,6 +232,8 @@ class MetricsCSV(pl.Callback):
         row = {"epoch": trainer.current_epoch + 1,
                "train_loss": f"{loss_sum / n:.6g}" if n else "", "train_acc": f"{correct / n:.6g}" if n else "",
                "val_loss": val("val_loss"), "val_acc": val("val_acc"),
+               "val_loss_ema": val("val_loss_ema"), "val_acc_ema": val("val_acc_ema"),
+               "val_count": f"{int(m['val_count'])}" if "val_count" in m else "",
                "lr": f"{lr:.6g}" if lr is not None else "", "seconds": f"{time.monotonic() - self._t0:.2f}"}
         self._write([row], mode="a")
 

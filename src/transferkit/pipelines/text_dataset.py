@@ -7,6 +7,7 @@ made the row) and ``source_row`` (0-based index of the original data row).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from collections import Counter
@@ -51,7 +52,10 @@ def read_table(path: str | Path) -> tuple[list[str], list[list[str]], str]:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from exc
     delimiter = _delimiter(path, content[:65536])
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    rows = [row for row in csv.reader(content.splitlines(), delimiter=delimiter, quoting=quoting) if row]
+    # csv.reader over the whole text, not splitlines(): a quoted field may hold a newline, and
+    # splitlines() would also break rows at U+2028 and other Unicode line separators.
+    rows = [row for row in csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, quoting=quoting)
+            if row]
     if not rows:
         raise DataError(f"{path} is empty: it needs a header row and at least one data row")
     header, data = rows[0], rows[1:]
