@@ -13,7 +13,10 @@ import csv
 import json
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,22 +128,48 @@ def _jsonable(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them to their usual handlers.
+
+    A Ctrl-C inside torch.save would otherwise surface as a RuntimeError from the zip writer
+    instead of the clean interrupt path. Handlers can only be swapped in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: h for s, h in old.items() if h is not None}
+    for s in old:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in held:
+            signal.raise_signal(s)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename over `path`.
 
-    A process killed at any moment leaves either the old file or the new one, never half of one.
+    A process killed at any moment leaves either the old file or the new one, never half of one;
+    an interrupt during the write waits until the file is whole.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with signals_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
