@@ -56,15 +56,32 @@ def subsample(src: Path, dst: Path, per_class: int | None, seed: int) -> Path:
     return dst
 
 
-def cell(data: Path, out: Path, epochs: int, seed: int, workers: int) -> dict:
+def pick(data: Path, seed: int, workers: int) -> dict:
     from transferkit.pipelines.advise import advise
-    from transferkit.pipelines.config import FitConfig
-    from transferkit.pipelines.fit import fit
 
     advice, info = advise(str(data), "mobilenetv1_025", plugin=str(PLUGIN), seed=seed, workers=workers,
                           progress=False)
-    res = {"pick": advice.strategy, "pick_groups": advice.trainable_groups, "reasons": advice.reasons,
-           "train_images": info["train_images"], "accuracy": {}, "seconds": {}}
+    return {"pick": advice.strategy, "pick_groups": advice.trainable_groups, "reasons": advice.reasons,
+            "measurements": advice.measurements.to_dict(), "train_images": info["train_images"]}
+
+
+def score(res: dict) -> dict:
+    best = max(res["accuracy"].values())
+    res["best"] = [s for s, a in res["accuracy"].items() if a == best]
+    res["pick_accuracy"] = res["accuracy"][res["pick"]]
+    res["good"] = res["pick_accuracy"] >= best - 0.01
+    return res
+
+
+def cell(data: Path, out: Path, epochs: int, seed: int, workers: int, accuracy: dict | None = None) -> dict:
+    """The advisor's pick and, unless `accuracy` is given (from an earlier run), every strategy trained."""
+    from transferkit.pipelines.config import FitConfig
+    from transferkit.pipelines.fit import fit
+
+    res = {**pick(data, seed, workers), "accuracy": {}, "seconds": {}}
+    if accuracy is not None:
+        res["accuracy"] = accuracy
+        return score(res)
     for s in STRATEGIES:
         t0 = time.perf_counter()
         report = fit(FitConfig(data=str(data), out=str(out / s), backbone="mobilenetv1_025",
@@ -72,11 +89,7 @@ def cell(data: Path, out: Path, epochs: int, seed: int, workers: int) -> dict:
                                seed=seed, workers=workers, overwrite=True), progress=False)
         res["accuracy"][s] = report["accuracy"]
         res["seconds"][s] = round(time.perf_counter() - t0, 1)
-    best = max(res["accuracy"].values())
-    res["best"] = [s for s, a in res["accuracy"].items() if a == best]
-    res["pick_accuracy"] = res["accuracy"][advice.strategy]
-    res["good"] = res["pick_accuracy"] >= best - 0.01
-    return res
+    return score(res)
 
 
 def main() -> int:
@@ -87,7 +100,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
+    ap.add_argument("--picks-only", type=Path, default=None, metavar="JSON",
+                    help="reuse the accuracies of an earlier --json run and only ask the advisor again"
+                         " (after its thresholds change: training is the slow part, advice is seconds)")
     args = ap.parse_args()
+    earlier = {}
+    if args.picks_only:
+        earlier = {(r["dataset"], str(r["per_class"])): r["accuracy"] for r in json.loads(args.picks_only.read_text())}
     if not (SHARED / "data").is_dir() or not PLUGIN.is_file():
         print(f"needs {SHARED / 'data'} and {PLUGIN}", file=sys.stderr)
         return 2
@@ -105,7 +124,10 @@ def main() -> int:
                 per_class = None if size == "all" else int(size)
                 data = subsample(sources[name], tmp / f"{name}-{size}", per_class, args.seed)
                 t0 = time.perf_counter()
-                r = cell(data, tmp / f"runs-{name}-{size}", args.epochs, args.seed, args.workers)
+                if args.picks_only and (name, size) not in earlier:
+                    continue
+                r = cell(data, tmp / f"runs-{name}-{size}", args.epochs, args.seed, args.workers,
+                         accuracy=earlier.get((name, size)))
                 r.update(dataset=name, per_class=size)
                 results.append(r)
                 print(f"{name:<12} {size:>4}/class  pick {r['pick']:<8} "

@@ -47,7 +47,7 @@ def main() -> int:
         rows.append(("backbone every epoch", 0, base_t, base_acc))
         for k in args.views:
             t, acc = run(args.data, Path(tmp) / f"cached{k}", args.epochs, k, args.workers)
-            rows.append((f"cached features", k, t, acc))
+            rows.append(("cached features", k, t, acc))
     print(f"\nfreeze, {args.epochs} epochs on {args.data.name}, mobilenetv1_025")
     print(f"{'run':<22} {'views':>5} {'wall s':>8} {'val acc':>8} {'speed-up':>9} {'acc diff':>9}")
     for name, k, t, acc in rows:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.backbones.advisor import (
-    FREEZE_HEAD_LR, FULL_HEAD_LR, LPFT_HEAD_LR, PARTIAL_HEAD_LR, Advice, Measurements, bn_shift, decide,
+    FREEZE_HEAD_LR, FULL_HEAD_LR, PARTIAL_HEAD_LR, Advice, Measurements, bn_shift, decide,
     extract_features, logme, measure, probe_accuracy, stage_probe)
 from transferkit.errors import BackboneError, DataError
 
@@ -167,19 +167,27 @@ def test_too_few_images_to_probe_freezes():
     assert advice.strategy == "freeze" and "similarity unmeasured" in advice.reasons[1]
 
 
-def test_small_and_different_with_weak_features_everywhere_is_lp_ft():
+def test_small_and_different_with_weak_features_everywhere_keeps_them_frozen():
     stages = {"s0": 0.55, "s1": 0.60, "final": 0.62}
     advice = decide(made(40, 0.62, stages=stages), num_groups=6)
-    assert (advice.strategy, advice.trainable_groups, advice.lr) == ("lp-ft", None, LPFT_HEAD_LR)
+    assert (advice.strategy, advice.trainable_groups, advice.lr) == ("freeze", 0, FREEZE_HEAD_LR)
     assert any("best s1 0.60 vs 0.62" in r for r in advice.reasons)
-    assert decide(made(40, 0.62), num_groups=6).strategy == "lp-ft"  # no stage probe measured
+    assert any("small and different -> freeze" in r for r in advice.reasons)
+    assert decide(made(40, 0.62), num_groups=6).strategy == "freeze"  # no stage probe measured
+
+
+def test_large_and_different_retrains_above_a_better_earlier_stage():
+    stages = {"s0": 0.60, "s1": 0.75, "s2": 0.70, "final": 0.62}
+    advice = decide(made(300, 0.62, stages=stages), num_groups=6)
+    assert (advice.strategy, advice.trainable_groups) == ("partial", 2)
+    assert any("large and different -> partial" in r for r in advice.reasons)
 
 
 def test_borderline_similarity_is_settled_by_the_batchnorm_shift():
     # Normalised gain 0.44: between the two thresholds.
-    assert decide(made(40, 0.72, bn=0.01), num_groups=6).strategy == "freeze"
-    shifted = decide(made(40, 0.72, bn=0.3), num_groups=6)
-    assert shifted.strategy == "lp-ft"
+    assert decide(made(300, 0.72, bn=0.01), num_groups=6).strategy == "partial"
+    shifted = decide(made(300, 0.72, bn=0.3), num_groups=6)
+    assert shifted.strategy == "full"
     assert any("BatchNorm shift 0.300 >" in r for r in shifted.reasons)
 
 
@@ -316,7 +324,7 @@ def real_backbone():
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_hymenoptera_is_small_and_similar_and_measured_within_a_minute():
+def test_real_hymenoptera_is_similar_and_measured_within_a_minute():
     from torchvision.datasets import ImageFolder
 
     model, transform = real_backbone()
@@ -327,7 +335,7 @@ def test_real_hymenoptera_is_small_and_similar_and_measured_within_a_minute():
     print(f"hymenoptera: {seconds:.1f} s", json.dumps(m.to_dict()))
     assert seconds < 60
     assert m.probe["logreg"] > 0.8 and m.similarity > 0.6
-    assert decide(m, num_groups=7).strategy == "freeze"
+    assert decide(m, num_groups=7).strategy == "partial"  # 122 per class: large and similar
 
 
 @pytest.mark.real

@@ -17,6 +17,8 @@ back-translation.
 """
 from __future__ import annotations
 
+import abc
+
 import functools
 import importlib
 import inspect
@@ -161,7 +163,7 @@ def _synonym_source(synonyms: str | None, lang: str) -> Callable[[str], list[str
 
 # --------------------------------------------------------------------------- word ops
 
-class TextOp:
+class TextOp(abc.ABC):
     """One augmentation operation; ``op(text, rng)`` returns one variant of ``text``."""
 
     name: ClassVar[str]
@@ -170,8 +172,9 @@ class TextOp:
         rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         return self._augment_one(text, rng)
 
+    @abc.abstractmethod
     def _augment_one(self, text: str, rng: random.Random) -> str:
-        raise NotImplementedError
+        """One variant of `text`, drawing all randomness from `rng`."""
 
     def close(self) -> None:
         """Release files the op holds open."""

@@ -22,6 +22,8 @@ run holds, a weight file counted once).
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import math
 import re
@@ -207,7 +209,7 @@ def recompute_batchnorm(model: nn.Module, loader: Iterable, names: set[str], dev
     return len(layers)
 
 
-class _OncePerEpoch(pl.Callback):
+class _OncePerEpoch(pl.Callback, abc.ABC):
     """Runs ``_epoch_end`` once per training epoch, before the epoch's checkpoints are written.
 
     Lightning runs ModelCheckpoint after every other callback in ``on_validation_end``, so work
@@ -218,8 +220,9 @@ class _OncePerEpoch(pl.Callback):
     def __init__(self):
         self._seen_epoch = -1
 
+    @abc.abstractmethod
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        raise NotImplementedError
+        """The work to do at the end of each training epoch."""
 
     def _maybe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self._seen_epoch == trainer.current_epoch:
