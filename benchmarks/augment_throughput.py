@@ -34,7 +34,7 @@ import torchvision.transforms.v2 as v2
 from albumentations.pytorch import ToTensorV2
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from transferkit.augment.image import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, train_transform
+from transferkit.augment.image import PRESETS, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, train_transform
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hymenoptera"
 SIZE = 224
@@ -55,6 +55,10 @@ class TvLighting(torch.nn.Module):
         return (x + offset.view(3, 1, 1)).clamp_(0.0, 1.0)
 
 
+# The default preset's hue jitter, read from the preset so the baselines do the same work.
+DEFAULT_HUE = PRESETS["default"]["color"]["hue"]
+
+
 def torchvision_stack(preset: str) -> v2.Compose:
     """The same operations as transferkit's preset, in the same order."""
     to_float = [v2.ToDtype(torch.float32, scale=True)]
@@ -63,7 +67,7 @@ def torchvision_stack(preset: str) -> v2.Compose:
         return v2.Compose([
             v2.RandomResizedCrop(SIZE, scale=(0.2, 1.0), antialias=True),
             v2.RandomHorizontalFlip(0.5),
-            v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.0)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, DEFAULT_HUE)], p=0.8),
             *to_float, TvLighting(0.1), *normalize,
         ])
     if preset == "heavy":
@@ -90,7 +94,7 @@ def bare_albumentations_stack(preset: str) -> Callable[[np.ndarray], torch.Tenso
     crop = {"default": (0.2, 1.0), "heavy": (0.08, 1.0)}[preset]
     steps = [A.RandomResizedCrop(size=(SIZE, SIZE), scale=crop), A.HorizontalFlip(p=0.5)]
     if preset == "default":
-        steps += [A.ColorJitter(0.3, 0.3, 0.3, 0.0, p=0.8)]
+        steps += [A.ColorJitter(0.3, 0.3, 0.3, DEFAULT_HUE, p=0.8)]
     else:
         fill = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)
         steps += [A.Affine(rotate=(-20, 20), scale=(0.85, 1.15), border_mode=cv2.BORDER_REFLECT_101, p=0.5),

@@ -4,6 +4,8 @@ Three ways to evaluate the same model on the same images, taking turns ``--repea
 
 - plain: the center crop, one forward pass per batch (the baseline, ratio 1);
 - ten-crop, batched: ``TTA("ten-crop").predict_proba``, all ten views in one forward pass;
+- ten-crop, batched, sized: the same, over batches of batch // 10 images, so that one pass holds
+  about `batch` views, as `transferkit evaluate` batches them;
 - ten-crop, naive loop: the same ten views, one forward pass per view.
 
 Batched views should cost about ten times plain, not more. Weights are random (timing only).
@@ -66,10 +68,14 @@ def main() -> None:
         "plain": lambda x: plain.predict_proba(model, x),
         "batched": lambda x: ten.predict_proba(model, x),
         "naive": lambda x: _naive_ten_crop(model, x, ten),
+        # what `transferkit evaluate` does: loader batches of batch // views images, so each
+        # single forward pass holds about `batch` views
+        "sized": lambda x: torch.cat([ten.predict_proba(model, c)
+                                      for c in x.split(max(1, args.batch // ten.num_views))]),
     }
     _time_interleaved(fns, loader[:1], 1, sync)  # warm-up: allocations, kernel choice
     median = _time_interleaved(fns, loader, args.repeats, sync)
-    base, batched, naive = median["plain"], median["batched"], median["naive"]
+    base, batched, naive, sized = median["plain"], median["batched"], median["naive"], median["sized"]
 
     print(
         f"{args.model}, {args.images} images of {side[0]} px -> {args.size} px, batch {args.batch}, "
@@ -78,6 +84,7 @@ def main() -> None:
     print(f"{'method':<28}{'forward passes / batch':>24}{'time / plain':>14}")
     print(f"{'plain (baseline)':<28}{1:>24}{1.0:>14.2f}")
     print(f"{'ten-crop, batched (TTA)':<28}{1:>24}{batched / base:>14.2f}")
+    print(f"{'ten-crop, batched, sized':<28}{1:>24}{sized / base:>14.2f}")
     print(f"{'ten-crop, naive loop':<28}{10:>24}{naive / base:>14.2f}")
     print(f"{'batched / naive':<28}{'':>24}{batched / naive:>14.2f}")
 

@@ -30,7 +30,8 @@ def add_evaluate(sub) -> None:
     p.add_argument("--ensemble", default="none", help=f"comma-separated ensembles to compare: {_ENSEMBLE_HELP}")
     p.add_argument("--merge", choices=("mean", "geometric", "max"), default="mean",
                    help="how probabilities merge over views and models")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="views per forward pass (images x TTA views); default: the run's batch size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -59,7 +60,7 @@ def add_predict(sub) -> None:
                    help=_ENSEMBLE_HELP)
     p.add_argument("--merge", choices=("mean", "geometric", "max"), default="mean",
                    help="how probabilities merge over views and models")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="views per forward pass (images x TTA views)")
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(func=_cmd_predict)
 

@@ -197,6 +197,15 @@ class Predictor:
         # (confirmed on the first batch, as fit's feature cache does).
         self.shared_backbone: bool | None = None if _same_but_classifier(self.models) else False
 
+    def images_per_batch(self, batch_size: int) -> int:
+        """Images per loader batch so that one forward pass holds about `batch_size` views.
+
+        On a CPU, one pass over ten times the batch measured slower than ten passes (12-30x plain
+        instead of 10x: the activations leave the cache); keeping the pass at the batch size a
+        run was trained with keeps ten-crop at about ten times plain.
+        """
+        return max(1, batch_size // self.tta.num_views)
+
     def member_names(self, c: Combination) -> list[str]:
         return [self.members[i].name for i in c.members]
 
@@ -271,8 +280,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
     cfg = run_config(run)
     predictor = Predictor(run, tta, ensemble, checkpoint=checkpoint, merge=merge)
     samples = eval_samples(run, data, split, classes)
-    loader = DataLoader(ImageDataset(samples, predictor.transform), batch_size=batch_size or cfg.batch_size,
-                        num_workers=workers)
+    loader = DataLoader(ImageDataset(samples, predictor.transform),
+                        batch_size=predictor.images_per_batch(batch_size or cfg.batch_size), num_workers=workers)
     probs, labels = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
     results = []
     for c, p in zip(predictor.combinations, probs):
@@ -353,7 +362,7 @@ def predict_paths(run_dir: str | Path, paths: Sequence[str | Path], out: str | P
     files, _ = collect_images(paths)
     predictor = Predictor(run, tta, ensemble, checkpoint=checkpoint, merge=merge)
     loader = DataLoader(ImageDataset([Sample(str(f), -1) for f in files], predictor.transform),
-                        batch_size=batch_size, num_workers=workers)
+                        batch_size=predictor.images_per_batch(batch_size), num_workers=workers)
     (probs,), _ = predictor.predict(loader, progress=progress)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
     out = Path(out)
