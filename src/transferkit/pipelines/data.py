@@ -356,14 +356,12 @@ class EpochSeed(pl.Callback):
 
 class ImageDataModule(pl.LightningDataModule):
     def __init__(self, train: Sequence[Sample], val: Sequence[Sample], train_transform: Callable,
-                 eval_transform: Callable, batch_size: int = 32, num_workers: int = 0,
-                 test: Sequence[Sample] | None = None, seed: int = 0):
+                 eval_transform: Callable, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.train_ds = ImageDataset(train, train_transform, replace_failed=True)
         # A replaced validation image returns its stand-in's index, and the classifier counts
         # each index once: the broken file drops out of val metrics instead of ending the run.
         self.val_ds = ImageDataset(val, eval_transform, replace_failed=True)
-        self.test_ds = ImageDataset(test, eval_transform) if test else None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -390,6 +388,3 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_ds, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_ds or self.val_ds, shuffle=False)

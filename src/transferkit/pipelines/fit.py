@@ -175,7 +175,7 @@ def prepare(cfg: FitConfig, *, write: bool = True, saved: RunDir | None = None, 
         train_tf = train_transform(cfg.augment, size=size, mean=data_cfg.mean, std=data_cfg.std,
                                    interpolation=data_cfg.interpolation, **overrides)
     dm = ImageDataModule(train, val, train_tf, eval_tf, batch_size=cfg.batch_size, num_workers=workers,
-                         test=test, seed=cfg.seed)
+                         seed=cfg.seed)
     optim = OptimConfig(optimizer=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
                         layer_decay=layer_decay, schedule=cfg.schedule,
                         warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing)
