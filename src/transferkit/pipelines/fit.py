@@ -119,6 +119,11 @@ def prepare(cfg: FitConfig, *, write: bool = True, saved: RunDir | None = None, 
     """
     check_averaging(cfg.validate())
     _check_devices(cfg)
+    overrides = parse_overrides(cfg.aug)
+    if cfg.augment == "none" and overrides:
+        raise ConfigError("--aug overrides need an --augment preset (light, default or heavy), not none")
+    if cfg.augment != "none":
+        describe_train(cfg.augment, **overrides)  # unknown ops and settings fail before any work
     if write and cfg.out and RunDir(cfg.out).holds_run() and not cfg.overwrite:
         RunDir.create(cfg.out, overwrite=False)  # raises the one-line error
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -151,7 +156,6 @@ def prepare(cfg: FitConfig, *, write: bool = True, saved: RunDir | None = None, 
                                          image_size=cfg.image_size)
     groups = layer_groups(model)
     device = _device(cfg, launch.local_rank)
-    overrides = parse_overrides(cfg.aug)
     size = data_cfg.input_size[1:]
     eval_tf = eval_transform(size, data_cfg.mean, data_cfg.std, data_cfg.crop_pct, data_cfg.interpolation)
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -168,8 +172,6 @@ def prepare(cfg: FitConfig, *, write: bool = True, saved: RunDir | None = None, 
     layer_decay = cfg.layer_decay if cfg.layer_decay is not None else (1.0 if from_scratch else DEFAULT_LAYER_DECAY)
 
     if cfg.augment == "none":
-        if overrides:
-            raise ConfigError("--aug overrides need an --augment preset (light, default or heavy), not none")
         train_tf = eval_tf
     else:
         train_tf = train_transform(cfg.augment, size=size, mean=data_cfg.mean, std=data_cfg.std,
