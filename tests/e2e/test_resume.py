@@ -15,7 +15,7 @@ import torch
 from transferkit.cli.main import main
 
 ARGS = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
-        "--batch-size", "8", "--epochs", "5", "--patience", "0", "--seed", "3"]
+        "--batch-size", "8", "--epochs", "8", "--patience", "0", "--seed", "3"]
 
 
 def _spawn(*args: str) -> subprocess.Popen:
@@ -57,26 +57,24 @@ def test_sigint_then_resume_ends_where_an_uninterrupted_run_ends(data, uninterru
     out = tmp_path / "run"
     proc = _spawn("fit", str(data), "--out", str(out), *ARGS)
     _wait_for(lambda: len(_rows(out)) >= 2 and (out / "checkpoints/last.ckpt").exists())
-    time.sleep(0.3)  # somewhere inside the next epoch
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # somewhere inside the third epoch, or just after
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"transferkit fit --resume {out}" in err
     assert "Traceback" not in err
-    done = len(_rows(out))
-    assert 2 <= done < 5
+    assert 2 <= len(_rows(out)) < 8
 
     assert main(["fit", "--resume", str(out)]) == 0
     a = torch.load(uninterrupted / "checkpoints/last.ckpt", weights_only=True)
     b = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 4
+    assert a["epoch"] == b["epoch"] == 7
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(_rows(out)) == strip(_rows(uninterrupted))
-    assert [int(r["epoch"]) for r in _rows(out)] == [1, 2, 3, 4, 5]
+    assert [int(r["epoch"]) for r in _rows(out)] == list(range(1, 9))
 
 
 def test_cached_freeze_with_ema_and_snapshots_resumes_to_the_same_end(data, tmp_path):
@@ -139,4 +137,4 @@ def test_sigkill_at_any_moment_leaves_only_complete_checkpoints(data, tmp_path):
             ck = torch.load(c, weights_only=True)  # complete, or it would not unpickle
             assert "state_dict" in ck
     assert main(["fit", "--resume", str(out)]) == 0
-    assert [int(r["epoch"]) for r in _rows(out)] == [1, 2, 3, 4, 5]
+    assert [int(r["epoch"]) for r in _rows(out)] == list(range(1, 9))
