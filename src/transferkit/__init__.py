@@ -18,8 +18,13 @@ _EXPORTS = {
     "BatchMixer": "transferkit.augment.batch",
     "augment_texts": "transferkit.augment.text",
     "TTA": "transferkit.augment.tta",
-    "FitConfig": "transferkit.pipelines.config",
-    "fit": "transferkit.pipelines.fit",
+    "FitConfig": "transferkit.pipelines.settings",
+    "fit": "transferkit.pipelines.api",
+    "resume": "transferkit.pipelines.api",
+    "advise": "transferkit.pipelines.api",
+    "load": "transferkit.pipelines.api",
+    "Run": "transferkit.pipelines.api",
+    "LoadedModel": "transferkit.pipelines.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,7 @@ stderr and exits with code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import pickle
 import re
 
 
@@ -61,3 +62,15 @@ class RunInterrupted(UserError):
     """Training was stopped by SIGINT or SIGTERM; the message says how to resume."""
 
     exit_code = 130
+
+
+def refused_global(exc: BaseException) -> str | None:
+    """What a ``weights_only`` torch.load refused to call (e.g. ``posix.system``), else None.
+
+    torch's own message advises loading again with weights_only=False: never repeat that advice.
+    """
+    text = str(exc)
+    if not isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return found.group(1) if found else "an object that is not a tensor"

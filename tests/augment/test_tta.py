@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from transferkit.augment.tta import (
@@ -21,6 +21,7 @@ from transferkit.augment.tta import (
     prepared_size,
     tta_prepare,
 )
+from transferkit.augment.image import eval_transform
 from transferkit.errors import ConfigError
 
 
@@ -100,7 +101,7 @@ def test_bad_merge_and_size_raise_config_error():
         merge_probs(torch.ones(1, 1, 2) / 2, "vote")
     with pytest.raises(ConfigError, match=r"TTA input \(20, 20\) is smaller than the model input \(32, 32\)"):
         TTA("plain", 32).views(torch.zeros(1, 3, 20, 20))
-    with pytest.raises(ConfigError, match="bad crop_pct 1.5"):
+    with pytest.raises(ConfigError, match=r"crop_pct=1.5 is invalid"):
         tta_prepare(32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, crop_pct=1.5)
 
 
@@ -176,26 +177,23 @@ def _photo(height: int, width: int, seed: int = 0) -> Image.Image:
         ((60, 80), (32, 40), 0.875, "bilinear"),
     ],
 )
-def test_plain_view_equals_timm_eval_transform(image_hw, size, crop_pct, interpolation):
+def test_plain_view_equals_the_eval_transform(image_hw, size, crop_pct, interpolation):
     image = _photo(*image_hw)
-    hw = (size, size) if isinstance(size, int) else size
-    reference = create_transform(
-        input_size=(3, *hw), crop_pct=crop_pct, interpolation=interpolation,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-    )(image)
+    reference = eval_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, crop_pct, interpolation)(image)
     prepare = tta_prepare(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, crop_pct, interpolation)
     prepared = prepare(image)
     assert prepared.dtype == torch.float32 and prepared.is_contiguous()
-    assert tuple(prepared.shape) == (3, *prepared_size(size, crop_pct))
+    assert tuple(prepared.shape) == (3, *prepare.region)
+    assert all(0 <= r - p <= 1 for r, p in zip(prepared_size(size, crop_pct), prepare.region))
     plain = TTA("plain", size).views(prepared[None])[0]
-    torch.testing.assert_close(plain, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, reference, atol=0, rtol=0)
 
 
 def test_prepare_accepts_arrays_and_pickles():
     image = _photo(48, 60)
     prepare = tta_prepare(32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     from_pil = prepare(image)
-    assert tuple(from_pil.shape) == (3, 36, 36)  # floor(32 / 0.875), as timm
+    assert tuple(from_pil.shape) == (3, 36, 36)  # floor(32 / 0.875), as the eval transform
     torch.testing.assert_close(prepare(np.asarray(image)), from_pil, atol=0, rtol=0)
     torch.testing.assert_close(pickle.loads(pickle.dumps(prepare))(image), from_pil, atol=0, rtol=0)
     batch = torch.stack([prepare(_photo(40, 90)), prepare(_photo(77, 41))])
@@ -282,10 +280,31 @@ def test_plain_view_equals_timm_eval_transform_on_real_photos():
         root.glob("*/*/*.gif")
     )
     assert len(files) >= 10
-    reference = create_transform(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear")
+    reference = eval_transform(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0.875, "bilinear")
     prepare = tta_prepare(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     for file in files:
         with Image.open(file) as image:
             image = image.convert("RGB")
             plain = TTA("plain", 224).views(prepare(image)[None])[0]
             torch.testing.assert_close(plain, reference(image), atol=1e-5, rtol=0, msg=str(file))
+
+
+@pytest.mark.parametrize("size,crop_pct,interpolation", [(32, 0.875, "bilinear"), (50, 0.875, "bicubic"),
+                                                          (41, 0.9, "bilinear")])
+def test_the_plain_view_is_fit_eval_transform_to_the_bit(size, crop_pct, interpolation):
+    from PIL import Image
+
+    from transferkit.augment.image import eval_transform
+    from transferkit.augment.tta import TTA
+    from transferkit.backbones.factory import DataConfig
+    from transferkit.augment.tta import tta_prepare
+
+    dc = DataConfig((3, size, size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation, crop_pct)
+    region = tta_prepare(size, dc.mean, dc.std, crop_pct, interpolation)
+    fit_eval = eval_transform(size, dc.mean, dc.std, crop_pct, interpolation)
+    rng = np.random.default_rng(0)
+    for h, w in [(97, 61), (60, 203), (size, size), (301, 300)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        x = region(image)
+        assert x.shape[-2:] == region.region and min(region.region) >= size
+        assert torch.equal(TTA("plain", size=size).views(x[None])[0], fit_eval(image)), (h, w)

@@ -1,6 +1,7 @@
 """Which tensors a strategy lets training change, compared bit for bit before and after."""
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import pytorch_lightning as pl
 import timm
@@ -10,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from transferkit.backbones.groups import layer_groups
 from transferkit.backbones.strategies import apply_plan, make_plan, param_groups
 from transferkit.errors import ConfigError
-from transferkit.pipelines.classifier import ImageClassifier, OptimConfig
+from transferkit.pipelines.train.module import ImageClassifier, Optim
+from transferkit.pipelines.train.schedule import Schedule
 
 
 class Noise(Dataset):
@@ -33,7 +35,8 @@ def train_once(name: str, strategy: str, k: int = 2):
     plan = make_plan(strategy, groups, k)
     apply_plan(model, groups, plan)
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    module = ImageClassifier(model, groups, plan, OptimConfig(lr=1e-2, warmup_epochs=0), 3)
+    plan = dataclasses.replace(plan, lr=1e-2)
+    module = ImageClassifier(model, groups, plan, Schedule(epochs=1, warmup_epochs=0), Optim(), 3)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, DataLoader(Noise(), batch_size=8))

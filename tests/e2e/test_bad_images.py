@@ -202,7 +202,7 @@ def _presplit(root: Path) -> Path:
 
 def test_a_file_that_breaks_after_the_scan_is_replaced_and_reported(tmp_path, capsys, monkeypatch):
     """The scan passes it, then it is truncated on disk: training goes on without it."""
-    import transferkit.pipelines.fit as fit_module
+    import transferkit.pipelines.train.recipe as fit_module
 
     data = _presplit(tmp_path / "data")
     victim = data / "train" / "red" / "red_003.png"
@@ -228,7 +228,8 @@ def test_a_file_that_breaks_after_the_scan_is_replaced_and_reported(tmp_path, ca
 
 
 def _break_load(monkeypatch, path: str) -> None:
-    import transferkit.pipelines.data as data_module
+    import transferkit.pipelines.data.datasets as data_module
+    import transferkit.pipelines.evaluate.prediction as prediction_module
 
     real = data_module.load_rgb
 
@@ -238,6 +239,7 @@ def _break_load(monkeypatch, path: str) -> None:
         return real(p)
 
     monkeypatch.setattr(data_module, "load_rgb", load)
+    monkeypatch.setattr(prediction_module, "load_rgb", load)
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
@@ -253,16 +255,18 @@ def test_evaluate_fails_loudly_instead_of_scoring_a_stand_in(bad_run, capsys, mo
     assert (out / "evaluation.json").exists() == before
 
 
-def test_predict_fails_loudly_instead_of_writing_a_wrong_row(bad_run, tmp_path, capsys, monkeypatch):
+def test_predict_marks_an_unreadable_file_in_its_row_and_predicts_the_rest(bad_run, tmp_path, capsys,
+                                                                          monkeypatch):
     data, _, _, out, _ = bad_run
-    victim = str(data / "red" / "red_002.png")
+    good, victim = str(data / "red" / "red_001.png"), str(data / "red" / "red_002.png")
     _break_load(monkeypatch, victim)
     csv_out = tmp_path / "pred.csv"
-    assert main(["predict", str(out), str(data / "red" / "red_001.png"), victim,
-                 "--out", str(csv_out), "--workers", "1"]) == 2
-    line = _error_line(capsys.readouterr().err)
-    assert f"{victim} could not be read" in line
-    assert not csv_out.exists()
+    assert main(["predict", str(out), good, victim, "--out", str(csv_out), "--workers", "0"]) == 0
+    rows = {r["path"]: r for r in _rows(csv_out)}
+    assert rows[good]["label"] in ("red", "green", "blue") and rows[good]["error"] == ""
+    assert rows[victim]["label"] == "" and rows[victim]["probability"] == ""
+    assert rows[victim]["error"] == "cannot read: image file is truncated (12 bytes not processed)"
+    assert f"could not read {victim}" in capsys.readouterr().err
 
 
 def test_evaluate_on_a_folder_skips_and_reports_bad_files(bad_run, tmp_path, capsys):

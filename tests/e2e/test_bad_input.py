@@ -97,9 +97,9 @@ CASES = {
         ["efficientnet.pth does not fit backbone test_resnet", "shape mismatch: bn1.weight (24,) vs (32,)",
          "missing, e.g. conv1.0.weight", "pass weights saved from the same architecture"]),
     "image size far too small": (lambda f: ["fit", str(f["good"]), *FAST, "--image-size", "4"],
-                                 ["--image-size 4 cannot work", "16 to 2048"]),
+                                 ["--image-size: 4 is out of range", "expected an integer in [16, 2048]"]),
     "batch size zero": (lambda f: ["fit", str(f["good"]), *FAST, "--batch-size", "0"],
-                        ["--batch-size 0 cannot work", "positive number"]),
+                        ["--batch-size: 0 is out of range", "expected an integer >= 1"]),
     "image size below the network's downsampling": (
         lambda f: ["fit", str(f["good"]), *FAST, "--backbone", "test_convnext", "--image-size", "16",
                    "--out", str(f["root"] / "convnext")],
@@ -116,7 +116,7 @@ CASES = {
     "resume a folder that is not a run": (lambda f: ["fit", "--resume", str(f["good"])],
                                           ["is not a transferkit run"]),
     "config with an unknown setting": (lambda f: ["fit", "--config", str(f["root"] / "typo.yaml")],
-                                       ["unknown settings: epochz", "check their spelling"]),
+                                       ["unknown setting(s): config", "typo.yaml fit.epochz", "check their spelling"]),
     "config that is not YAML": (lambda f: ["fit", "--config", str(f["root"] / "broken.yaml")],
                                 ["broken.yaml is not valid YAML"]),
 }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -12,16 +13,31 @@ FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "-
         "--batch-size", "8", "--epochs", "2", "--patience", "0"]
 
 
-def test_fit_records_preset_overrides_and_mixing(color_folder, tmp_path):
+@pytest.mark.parametrize("flags", [["--mixup-mode", "elem", "--mixup-off-epoch", "1"],
+                                   ["--mix-mode", "elem", "--mix-off-epoch", "1"]],  # the old names
+                         ids=["timm names", "deprecated names"])
+def test_fit_mixes_batches_until_the_off_epoch_and_records_it(color_folder, tmp_path, monkeypatch, flags):
+    from transferkit.augment.batch import BatchMixer
+
+    calls = []
+    real = BatchMixer.__call__
+
+    def counted(self, x, y):
+        calls.append((self.mode, len(x)))
+        return real(self, x, y)
+
+    monkeypatch.setattr(BatchMixer, "__call__", counted)
     out = tmp_path / "run"
     assert main(["fit", str(color_folder), "--out", str(out), "--augment", "heavy",
                  "--aug", "erasing.p=0.5", "--aug", "noise=off", "--mixup", "0.2", "--cutmix", "1.0",
-                 "--mix-mode", "elem", "--mix-off-epoch", "1", *FAST]) == 0
+                 *flags, *FAST]) == 0
+    # 48 training images in batches of 8: six mixed batches in epoch 0, none from epoch 1 on
+    assert calls == [("elem", 8)] * 6
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["fit"]["mixup"] == 0.2 and cfg["fit"]["cutmix"] == 1.0 and cfg["fit"]["mix_mode"] == "elem"
+    assert cfg["fit"]["mixup"] == 0.2 and cfg["fit"]["cutmix"] == 1.0 and cfg["fit"]["mixup_mode"] == "elem"
+    assert cfg["fit"]["mixup_off_epoch"] == 1 and "mix_mode" not in cfg["fit"]
     aug = cfg["resolved"]["augment"]
     assert aug["preset"] == "heavy" and aug["erasing"]["p"] == 0.5 and aug["noise"] is None
-    assert (out / "checkpoints/best.ckpt").is_file()
 
 
 def test_unknown_augmentation_setting_is_one_line_and_exit_2(color_folder, tmp_path, capsys):

@@ -75,7 +75,8 @@ def test_predict_writes_labels_and_top_k(trained_run, tmp_path):
     with csv_out.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 25
-    assert set(rows[0]) == {"path", "label", "probability", "label_2", "probability_2"}
+    assert list(rows[0]) == ["path", "label", "probability", "label_2", "probability_2", "error"]
+    assert all(r["error"] == "" for r in rows)
     assert all(float(r["probability"]) >= float(r["probability_2"]) for r in rows)
     red = [r for r in rows if "/red/" in r["path"]]
     assert sum(r["label"] == "red" for r in red) >= 0.9 * len(red)

@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader
 from transferkit.augment.image import eval_transform
 from transferkit.augment.tta import TTA, predict_proba_ensemble
 from transferkit.cli.main import main
-from transferkit.pipelines import fit as fit_module
-from transferkit.pipelines.data import ImageDataset, Sample, read_split_csv
-from transferkit.pipelines.evaluate import classification_metrics, load_model
-from transferkit.pipelines.inference import Predictor
-from transferkit.pipelines.run import RunDir
+from transferkit.pipelines.train import recipe as fit_module
+from transferkit.pipelines.data.datasets import ImageDataset, Sample
+from transferkit.pipelines.data.splits import read_split_csv
+from transferkit.pipelines.evaluate.loading import load_model
+from transferkit.pipelines.evaluate.metrics import classification_metrics
+from transferkit.pipelines.evaluate.predictor import Predictor
+from transferkit.pipelines.rundir import RunDir
 
 FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
         "--batch-size", "8", "--patience", "0", "--seed", "5"]
@@ -43,8 +45,8 @@ class LrRecorder(pl.Callback):
 def _fit_with(callback: pl.Callback, args: list[str]) -> int:
     original = fit_module.make_trainer
 
-    def make_trainer(p, **kw):
-        trainer = original(p, **kw)
+    def make_trainer(*args, **kw):
+        trainer = original(*args, **kw)
         trainer.callbacks.append(callback)
         return trainer
 
@@ -133,7 +135,7 @@ def test_ema_weights_are_in_every_checkpoint_and_are_what_ensemble_ema_uses(aver
 def test_ten_crop_over_snapshots_is_the_merge_of_all_thirty_predictions(averaged):
     _, out, _ = averaged
     run = RunDir(out)
-    predictor = Predictor(run, "ten-crop", "snapshots", device="cpu")
+    predictor = Predictor.for_run(run, "ten-crop", "snapshots", accelerator="cpu")
     (got,), labels = predictor.predict(_val_loader(out, predictor), progress=False)
     models = [load_model(run, f"snapshot-{i}")[0] for i in (1, 2, 3)]
     tta = TTA("ten-crop", size=32)
@@ -175,7 +177,7 @@ def test_predict_takes_one_tta_spec_and_one_ensemble(averaged, tmp_path, capsys)
         rows = list(csv.DictReader(f))
     assert len(rows) == 16
     run = RunDir(out)
-    predictor = Predictor(run, "hflip", "snapshots", device="cpu")
+    predictor = Predictor.for_run(run, "hflip", "snapshots", accelerator="cpu")
     loader = DataLoader(ImageDataset([Sample(r["path"], -1) for r in rows], predictor.transform), batch_size=8)
     (probs,), _ = predictor.predict(loader, progress=False)
     classes = run.classes()
@@ -213,10 +215,10 @@ def test_members_of_a_frozen_run_share_one_backbone_pass(tmp_path):
     assert main(["fit", str(data), "--out", str(out), "--finetune", "freeze", "--epochs", "3", "--snapshots", "3",
                  "--ema", *FAST]) == 0
     run = RunDir(out)
-    predictor = Predictor(run, "plain,five-crop", "none,ema,snapshots", device="cpu")
+    predictor = Predictor.for_run(run, "plain,five-crop", "none,ema,snapshots", accelerator="cpu")
     shared, labels = predictor.predict(_val_loader(out, predictor), progress=False)
     assert predictor.shared_backbone is True and len(predictor.models) == 5
-    separate = Predictor(run, "plain,five-crop", "none,ema,snapshots", device="cpu")
+    separate = Predictor.for_run(run, "plain,five-crop", "none,ema,snapshots", accelerator="cpu")
     separate.shared_backbone = False
     for a, b in zip(shared, separate.predict(_val_loader(out, predictor), progress=False)[0]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

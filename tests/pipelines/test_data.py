@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from transferkit.errors import DataError
-from transferkit.pipelines.data import scan_folder, stratified_split
-from transferkit.pipelines.images import load_rgb, probe_image
+from transferkit.pipelines.data.folders import scan_folder, stratified_split
+from transferkit.pipelines.data.images import load_rgb, probe_image
 
 
 def _save(path, im, **kw):

@@ -11,11 +11,13 @@ from safetensors.torch import save_file
 
 from transferkit.augment.image import eval_transform
 from transferkit.cli.main import main
-from transferkit.pipelines.data import read_split_csv, scan_folder
-from transferkit.pipelines.evaluate import load_model
-from transferkit.pipelines.features import FeatureDataset, ViewSampler, extract, head_matches, pre_logits
-from transferkit.pipelines.images import load_rgb
-from transferkit.pipelines.run import RunDir
+from transferkit.pipelines.data.folders import scan_folder
+from transferkit.pipelines.data.splits import read_split_csv
+from transferkit.pipelines.evaluate.loading import load_model
+from transferkit.pipelines.data.datasets import EpochSampler
+from transferkit.pipelines.data.features import FeatureDataset, extract, head_matches, pre_logits
+from transferkit.pipelines.data.images import load_rgb
+from transferkit.pipelines.rundir import RunDir
 
 FAST = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "--batch-size", "8",
         "--epochs", "4", "--patience", "0"]
@@ -44,7 +46,7 @@ def test_cached_features_equal_a_direct_forward_pass(color_folder):
 def test_view_sampler_visits_every_image_once_per_epoch_through_one_view():
     n, views = 7, 3
     ds = FeatureDataset(torch.arange(views * n * 2, dtype=torch.float32).reshape(views, n, 2), [0] * n)
-    s = ViewSampler(n, views, seed=1, generator=torch.Generator())
+    s = EpochSampler(n, seed=1, generator=torch.Generator(), views=views)
     flat = list(s)
     assert sorted(ds[i][2] for i in flat) == list(range(n))
     assert max(flat) < views * n
@@ -84,16 +86,18 @@ def test_cached_freeze_checkpoint_predicts_like_its_uncached_twin(color_folder, 
 
 
 def test_augmented_views_are_cached_beside_the_clean_one(color_folder, weights, tmp_path, monkeypatch):
-    import transferkit.pipelines.fit as fit_module
+    import transferkit.pipelines.train.recipe as fit_module
 
     made = []
-    real = fit_module.FeatureDataModule
+    real = fit_module.extract
 
-    def record(train, *args, **kwargs):
-        made.append(train.clone())
-        return real(train, *args, **kwargs)
+    def record(*args, **kwargs):
+        features = real(*args, **kwargs)
+        if kwargs.get("views", 1) > 1:
+            made.append(features.clone())
+        return features
 
-    monkeypatch.setattr(fit_module, "FeatureDataModule", record)
+    monkeypatch.setattr(fit_module, "extract", record)
     out = tmp_path / "run"
     assert main(["fit", str(color_folder), "--weights", str(weights), "--finetune", "freeze",
                  "--cache-views", "3", "--out", str(out), *FAST]) == 0

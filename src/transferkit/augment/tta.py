@@ -1,12 +1,13 @@
 """Test-time augmentation: which views of an image the model sees, and how their predictions merge.
 
 The eval pipeline hands TTA images that are resized but not yet center-cropped:
-``tta_prepare`` resizes the shorter side to ``floor(size / crop_pct)`` (as timm's eval transform
-does) and keeps a centered square of that side (the "prepared region"), so a batch stacks.
+``tta_prepare`` resizes the shorter side to ``floor(size / crop_pct)`` exactly as
+``augment.image.eval_transform`` does and keeps a centered region about that side (the
+"prepared region"), so a batch stacks.
 Every view is then cut from that region and comes out at the model's input size, so all views of
 a batch go through the model in ONE forward pass:
 
-- ``plain``: the center crop of ``size``; identical to timm's eval transform.
+- ``plain``: the center crop of ``size``; identical to ``eval_transform``.
 - ``hflip``: every other view plus its mirror (alone: ``plain`` and its mirror).
 - ``five-crop``: the four corners and the center, each ``size``.
 - ``ten-crop``: ``five-crop`` plus the mirror of each crop (same as ``five-crop+hflip``).
@@ -30,14 +31,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import albumentations as A
 import numpy as np
 import torch
-from PIL import Image
-from timm.data.transforms import ResizeKeepRatio
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode, Resize
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from transferkit.augment.image import CV2_INTERPOLATIONS, eval_transform
 from transferkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -170,56 +171,49 @@ def prepared_size(size: Size, crop_pct: float = 0.875) -> tuple[int, int]:
 
 
 class TTAPrepare:
-    """Picklable per-image transform: PIL image or HWC uint8 RGB array -> normalized float32 CHW.
+    """Picklable per-image transform: PIL image or HWC uint8 RGB array -> normalized float32 CHW,
+    the eval pixels of ``augment.image.eval_transform`` widened to the region TTA cuts its views from.
 
-    Resizes as timm's eval transform does (shorter side to ``floor(size / crop_pct)``), then keeps
-    the prepared region. The region's offset is chosen so that its center crop of ``size`` falls
-    on exactly the pixels timm's single center crop would take (two rounded halvings can differ
-    from one by a pixel).
+    Resizes exactly as ``eval_transform`` (albumentations ``SmallestMaxSize`` to
+    ``floor(size / crop_pct)``, OpenCV) and keeps a centered region of that size (one pixel less
+    where needed to stay centered), placed so that the ``plain`` view is the very crop
+    ``eval_transform`` takes: plain evaluation reproduces fit's validation to the pixel.
     """
 
     def __init__(self, size: Size, mean, std, crop_pct: float = 0.875, interpolation: str = "bilinear"):
-        self.size = _pair(size)
-        self.region = prepared_size(size, crop_pct)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.crop_pct = crop_pct
-        self.interpolation = interpolation
-        # The resize step of timm's eval transform (PIL through torchvision), so pixels match it
-        # exactly; albumentations resizes with OpenCV, whose antialiasing differs.
-        if self.region[0] == self.region[1]:
-            self._resize = Resize(self.region[0], interpolation=_interpolation(interpolation))
-        else:
-            self._resize = ResizeKeepRatio(self.region, interpolation=interpolation)
+        h, w = _pair(size)
+        self.description = eval_transform((h, w), mean, std, crop_pct, interpolation).description  # validates
+        self.size = (h, w)
+        rh, rw = prepared_size((h, w), crop_pct)
+        # An even margin around the crop centres it exactly under both rounding rules.
+        self.region = (rh - (rh - h) % 2, rw - (rw - w) % 2)
+        self._resize = A.SmallestMaxSize(max_size_hw=(rh, rw), interpolation=CV2_INTERPOLATIONS[interpolation],
+                                         area_for_downscale="image", p=1.0)
+        # The same arithmetic as augment.image.ImageTransform, so plain pixels are bit-identical.
+        self._shift = torch.tensor([255.0 * m for m in mean], dtype=torch.float32).view(3, 1, 1)
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image) -> Tensor:
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
                 raise ValueError(f"expected an HWC uint8 RGB array, got {image.dtype} {image.shape}")
-            image = Image.fromarray(image)
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        image = self._resize(image)
-        width, height = image.size
-        top = _nested_offset(height, self.region[0], self.size[0])
-        left = _nested_offset(width, self.region[1], self.size[1])
-        image = F.crop(image, top, left, *self.region)
-        tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
-        return tensor.contiguous()
+            array = np.stack([image] * 3, -1) if image.ndim == 2 else image
+        else:
+            array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        out = self._resize(image=array)["image"]
+        rh, rw = self.region
+        (h, w), (H, W) = self.size, out.shape[:2]
+        if H < rh or W < rw:  # a rounding short of the target: pad as eval's CenterCrop would
+            ph, pw = max(0, rh - H), max(0, rw - W)
+            out = np.pad(out, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+            H, W = out.shape[:2]
+        top = (H - h) // 2 - (rh - h) // 2
+        left = (W - w) // 2 - (rw - w) // 2
+        crop = np.ascontiguousarray(out[top:top + rh, left:left + rw].transpose(2, 0, 1))
+        return torch.from_numpy(crop).to(torch.float32).sub_(self._shift).mul_(self._scale)
 
     def __repr__(self) -> str:
-        return (
-            f"TTAPrepare(size={self.size}, region={self.region}, crop_pct={self.crop_pct}, "
-            f"interpolation={self.interpolation!r})"
-        )
-
-
-def _nested_offset(full: int, region: int, crop: int) -> int:
-    """Offset of the region in ``full`` such that the region's center crop of ``crop`` starts
-    where a center crop of ``crop`` from ``full`` starts (torchvision rounds each halving)."""
-    if full <= region:
-        return 0  # torchvision pads a crop larger than the image; keep its arithmetic
-    target = int(round((full - crop) / 2.0)) - int(round((region - crop) / 2.0))
-    return min(max(target, 0), full - region)
+        return f"TTAPrepare(size={self.size}, region={self.region}, {self.description})"
 
 
 def tta_prepare(

@@ -15,8 +15,6 @@ import difflib
 import hashlib
 import importlib.util
 import logging
-import pickle
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from transferkit.errors import BackboneError, ConfigError
+from transferkit.errors import BackboneError, ConfigError, refused_global
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +76,6 @@ def check_name(name: str) -> None:
     close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for names"
     raise BackboneError(f"unknown backbone {name!r}; {hint}")
-
-
-def refused_global(exc: BaseException) -> str | None:
-    """What a ``weights_only`` torch.load refused to call (e.g. ``posix.system``), else None.
-
-    torch's own message advises loading again with weights_only=False: never repeat that advice.
-    """
-    text = str(exc)
-    if not isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" not in text:
-        return None
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    return found.group(1) if found else "an object that is not a tensor"
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

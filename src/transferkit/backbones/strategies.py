@@ -14,7 +14,7 @@ edges and textures that pretraining already got right.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -31,23 +31,46 @@ DEFAULT_LR = {"freeze": 1e-2, "partial": 3e-3, "full": 1e-3, "lp-ft": 1e-3}
 SCRATCH_LR = 3e-3  # random weights: one rate for every layer
 SGD_LR_FACTOR = 10.0  # SGD with momentum takes steps about 10x larger than AdamW for the same effect
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The resolved strategy: trainable backbone groups (indices, bottom = 0) and why."""
+    """The strategy decision, one typed value from the advisor to ``config.yaml``, ``report.json``
+    and back on resume: which backbone groups train (indices, bottom = 0), at which head learning
+    rate and layer-wise decay, and why (with the advisor's measurements when it decided)."""
 
     strategy: str
-    trainable: list[int]
+    trainable: tuple[int, ...]
     reason: str
-    labels: list[str] = field(default_factory=list)
+    labels: tuple[str, ...] = ()
+    lr: float = 1e-3
+    layer_decay: float = DEFAULT_LAYER_DECAY
+    advice: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "reason": self.reason,
-                "trainable_groups": [self.labels[i] for i in self.trainable] + ["head"],
-                "frozen_groups": [lab for i, lab in enumerate(self.labels) if i not in self.trainable]}
+        out = {"strategy": self.strategy, "reason": self.reason,
+               "trainable_groups": [self.labels[i] for i in self.trainable] + ["head"],
+               "frozen_groups": [lab for i, lab in enumerate(self.labels) if i not in self.trainable],
+               "lr": self.lr, "layer_decay": self.layer_decay}
+        if self.advice is not None:
+            out["advice"] = self.advice
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, groups: LayerGroups) -> "Plan":
+        """The plan saved by ``to_dict``, for this backbone's groups (named, so a group count that
+        changed is an error, not a silent shift)."""
+        labels = list(groups.labels)
+        names = [n for n in d["trainable_groups"] if n != "head"]
+        missing = [n for n in names if n not in labels]
+        if missing:
+            raise ConfigError(f"the saved strategy trains groups {', '.join(missing)} that this backbone does not"
+                              f" have ({', '.join(labels)}); was the backbone changed?")
+        return cls(d["strategy"], tuple(sorted(labels.index(n) for n in names)), d["reason"], tuple(labels),
+                   float(d["lr"]), float(d["layer_decay"]), d.get("advice"))
 
 
 def make_plan(strategy: str, groups: LayerGroups, trainable_groups: int = DEFAULT_TRAINABLE_GROUPS,
-              reason: str = "") -> Plan:
+              reason: str = "", *, lr: float = 1e-3, layer_decay: float = DEFAULT_LAYER_DECAY,
+              advice: dict | None = None) -> Plan:
     n = len(groups)
     labels = list(groups.labels)
     if strategy == "freeze":
@@ -61,7 +84,8 @@ def make_plan(strategy: str, groups: LayerGroups, trainable_groups: int = DEFAUL
         trainable = list(range(n))
     else:
         raise ConfigError(f"unknown --finetune {strategy!r}; use one of freeze, partial, full, lp-ft, auto")
-    return Plan(strategy, trainable, reason or f"--finetune {strategy}", labels)
+    return Plan(strategy, tuple(trainable), reason or f"--finetune {strategy}", tuple(labels), lr, layer_decay,
+                advice)
 
 
 def apply_plan(model: nn.Module, groups: LayerGroups, plan: Plan) -> None:
@@ -97,19 +121,22 @@ def set_frozen_eval(model: nn.Module) -> None:
 
 def param_groups(model: nn.Module, groups: LayerGroups, plan: Plan, lr: float,
                  layer_decay: float = DEFAULT_LAYER_DECAY, weight_decay: float = 0.05) -> list[dict]:
-    """Optimizer parameter groups: decayed lr per depth; no weight decay on biases and norms."""
-    if not 0.0 < layer_decay <= 1.0:
-        raise ConfigError(f"--layer-decay {layer_decay} must be in (0, 1]; 1 means one rate for all layers")
+    """Optimizer parameter groups: decayed lr per depth; no weight decay on biases, norms and what
+    the model names in ``no_weight_decay()`` (a ViT's ``pos_embed`` and ``cls_token``), as timm's
+    own ``param_groups_weight_decay`` does."""
     named = dict(model.named_parameters())
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    plain = lambda k: named[k].ndim <= 1 or k.endswith(".bias") or k in skip  # noqa: E731
     n = len(groups)
-    scaled: list[tuple[float, list[str]]] = [(1.0, list(groups.head))]
+    scaled: list[tuple[float, list[str], bool]] = [(1.0, list(groups.head), True)]
     for i in plan.trainable:
-        scaled.append((layer_decay ** (n - i), list(groups.params[i])))
+        scaled.append((layer_decay ** (n - i), list(groups.params[i]), False))
     out = []
-    for scale, names in scaled:
-        decay = [named[k] for k in names if named[k].requires_grad and named[k].ndim > 1]
-        no_decay = [named[k] for k in names if named[k].requires_grad and named[k].ndim <= 1]
+    for scale, names, is_head in scaled:
+        decay = [named[k] for k in names if named[k].requires_grad and not plain(k)]
+        no_decay = [named[k] for k in names if named[k].requires_grad and plain(k)]
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params:
-                out.append({"params": params, "lr": lr * scale, "weight_decay": wd, "lr_scale": scale})
+                out.append({"params": params, "lr": lr * scale, "weight_decay": wd, "lr_scale": scale,
+                            "is_head": is_head})
     return out

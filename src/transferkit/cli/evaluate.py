@@ -33,15 +33,16 @@ def add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="views per forward pass (images x TTA views); default: the run's batch size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
-    from transferkit.pipelines.inference import evaluate_run, results_table
+    from transferkit.pipelines.evaluate.evaluation import evaluate_run, results_table
 
     body = evaluate_run(args.run_dir, args.data, split=args.split, checkpoint=args.checkpoint, tta=args.tta,
                         ensemble=args.ensemble, merge=args.merge, batch_size=args.batch_size,
-                        workers=args.workers, progress=progress())
+                        workers=args.workers, progress=progress(), accelerator=args.accelerator)
     print(f"{args.split} split, checkpoint {args.checkpoint}, merge {args.merge} (* best)")
     print(results_table(body))
     print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
@@ -62,14 +63,15 @@ def add_predict(sub) -> None:
                    help="how probabilities merge over views and models")
     p.add_argument("--batch-size", type=int, default=32, help="views per forward pass (images x TTA views)")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
-    from transferkit.pipelines.inference import predict_paths
+    from transferkit.pipelines.evaluate.prediction import predict_paths
 
     out = predict_paths(args.run_dir, args.paths, args.out, top_k=args.top_k, checkpoint=args.checkpoint,
                         batch_size=args.batch_size, workers=args.workers, progress=progress(),
-                        tta=args.tta, ensemble=args.ensemble, merge=args.merge)
+                        tta=args.tta, ensemble=args.ensemble, merge=args.merge, accelerator=args.accelerator)
     print(f"predictions written to {out}")
     return 0

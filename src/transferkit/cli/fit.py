@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from transferkit.cli.common import Formatter as _Formatter
-from transferkit.cli.common import progress
+from transferkit.cli.common import progress, quiet_lightning
 from transferkit.errors import UserError
 
-RUN_DIR_ENV = "TRANSFERKIT_RUN_DIR"  # how DDP child processes learn the run directory of rank 0
+_NOT_SETTINGS = ("func", "config", "resume", "verbose", "command")
 
 
 def add_fit(sub) -> None:
-    from transferkit.pipelines.config import FINETUNE_CHOICES, FitConfig
+    from transferkit.pipelines.settings import FINETUNE_CHOICES, FitConfig
 
     d = FitConfig()
     S = argparse.SUPPRESS
@@ -28,7 +27,8 @@ def add_fit(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run")
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", help=f"any timm model name (default {d.backbone})")
+    g.add_argument("--backbone", "--model", dest="backbone",
+                   help=f"any timm model name, or hf-hub:ORG/NAME, local-dir:FOLDER (default {d.backbone})")
     g.add_argument("--weights", help="local .safetensors/.pth file with the backbone's pretrained weights")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="train from random weights (only when you mean it)")
@@ -62,12 +62,18 @@ def add_fit(sub) -> None:
                    help="override one augmentation setting, e.g. --aug erasing.p=0.5 --aug noise=off")
     g.add_argument("--mixup", type=float, help="Mixup alpha; 0 turns it off (default 0)")
     g.add_argument("--cutmix", type=float, help="CutMix alpha; 0 turns it off (default 0)")
-    g.add_argument("--mix-prob", type=float, help=f"probability that a batch is mixed (default {d.mix_prob})")
-    g.add_argument("--mix-switch-prob", type=float,
-                   help=f"with both on, probability of CutMix over Mixup (default {d.mix_switch_prob})")
-    g.add_argument("--mix-mode", choices=("batch", "pair", "elem"),
-                   help=f"one draw per batch, per pair or per element (default {d.mix_mode})")
-    g.add_argument("--mix-off-epoch", type=int, help="stop mixing for the last N epochs (default 0)")
+    g.add_argument("--mixup-prob", type=float, help=f"probability that a batch is mixed (default {d.mixup_prob})")
+    g.add_argument("--mixup-switch-prob", type=float,
+                   help=f"with both on, probability of CutMix over Mixup (default {d.mixup_switch_prob})")
+    g.add_argument("--mixup-mode", choices=("batch", "pair", "elem"),
+                   help=f"one draw per batch, per pair or per element (default {d.mixup_mode})")
+    g.add_argument("--mixup-off-epoch", type=int,
+                   help="the epoch (0-based) at which mixing stops, as in timm; 0: never (default 0)")
+    # The spellings of the first release, kept for one more (see settings.DEPRECATED).
+    g.add_argument("--mix-prob", type=float, help=S)
+    g.add_argument("--mix-switch-prob", type=float, help=S)
+    g.add_argument("--mix-mode", choices=("batch", "pair", "elem"), help=S)
+    g.add_argument("--mix-off-epoch", type=int, help=S)
     g.add_argument("--cache-views", type=int,
                    help="freeze and lp-ft's probe: frozen features are computed once for K views per"
                         " image, the clean eval view plus K-1 augmented draws; 0 runs the frozen backbone"
@@ -91,13 +97,20 @@ def add_fit(sub) -> None:
 
 
 def _fit_config(args: argparse.Namespace):
-    from transferkit.pipelines.config import FitConfig
+    """The flags (over a --config file's settings), checked by the settings table before anything
+    heavy is imported."""
+    from transferkit.pipelines.settings import DEPRECATED, FitConfig, default_out
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "config", "resume", "verbose", "command")}
-    base = FitConfig.load(args.config).to_dict() if args.config else {}
-    # A replay is a new run: never the old directory, never permission to overwrite it.
-    base.pop("out", None)
-    base.pop("overwrite", None)
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    base = {}
+    if args.config:
+        base = FitConfig.build(FitConfig.read(args.config), source=str(args.config)).to_dict()
+        # A replay is a new run: never the old directory, never permission to overwrite it.
+        base.pop("out", None)
+        base.pop("overwrite", None)
+        for old, (new, _) in DEPRECATED.items():
+            if old in given:  # an old flag over a config file: it replaces the file's new key
+                base.pop(new, None)
     merged = {**base, **given}
     if not merged.get("data"):
         raise UserError("fit needs DATA, the image folder (or --config FILE of a run, or --resume RUN_DIR)")
@@ -105,46 +118,27 @@ def _fit_config(args: argparse.Namespace):
     for key in ("data", "weights", "backbone_plugin"):
         if merged.get(key):
             merged[key] = str(Path(merged[key]).expanduser().absolute())
-    return FitConfig.from_dict(merged, source="arguments").validate()
-
-
-def _launch():
-    """This process's place in a multi-process launch, from the launchers' environment variables.
-
-    Lightning's own launcher re-runs this command with LOCAL_RANK/NODE_RANK set, after rank 0 has
-    written the run (and exported its directory); torchrun sets RANK, SLURM sets SLURM_PROCID.
-    """
-    from transferkit.pipelines.fit import Launch
-
-    env = os.environ
-    rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
-    local = int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or 0)
-    rank = rank or local or int(env.get("NODE_RANK") or 0)
-    return Launch(rank=rank, local_rank=local, parent_wrote=rank != 0 and RUN_DIR_ENV in env)
+    if not merged.get("out"):
+        merged["out"] = default_out(merged.get("backbone", FitConfig.backbone))
+    return FitConfig.build(merged, source="cli")
 
 
 def _cmd_fit(args) -> int:
-    from transferkit.pipelines.fit import default_out, fit, resume
-
-    launch = _launch()
     if args.resume:
-        extra = sorted(k for k in vars(args) if k not in ("func", "config", "resume", "verbose", "command"))
+        extra = sorted(k for k in vars(args) if k not in _NOT_SETTINGS)
         if extra or args.config:
             raise UserError(f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--config'}")
-        report = resume(args.resume, progress=progress(), launch=launch)
+        quiet_lightning(args.verbose)
+        from transferkit.pipelines.train.recipe import resume
+
+        report = resume(args.resume, progress=progress())
         out = args.resume
     else:
         cfg = _fit_config(args)
-        if not cfg.out:
-            cfg.out = os.environ.get(RUN_DIR_ENV) if launch.parent_wrote else str(default_out(cfg.backbone))
-        # Lightning's launcher re-runs this command for ranks > 0; they inherit the directory here.
-        inherited = RUN_DIR_ENV in os.environ
-        os.environ[RUN_DIR_ENV] = cfg.out
-        try:
-            report = fit(cfg, progress=progress(), launch=launch)
-        finally:
-            if not inherited:
-                os.environ.pop(RUN_DIR_ENV, None)
+        quiet_lightning(args.verbose)
+        from transferkit.pipelines.train.recipe import fit
+
+        report = fit(cfg, progress=progress())
         out = cfg.out
     if report is None:
         return 0
@@ -165,6 +159,7 @@ def add_demo(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
+    quiet_lightning(args.verbose)
     from transferkit.pipelines.demo import run_demo
 
     res = run_demo(Path(args.out), seed=args.seed, progress=progress())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
 from transferkit.cli import advise, augment, evaluate, fit
 from transferkit.cli.common import Formatter
@@ -27,14 +26,6 @@ def _setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
-    import pytorch_lightning  # noqa: F401 - it sets its own log level on import; override after
-
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
-    if not verbose:
-        warnings.filterwarnings("ignore", module="pytorch_lightning")
-        warnings.filterwarnings("ignore", module="lightning_fabric")
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from transferkit.pipelines.config import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +97,8 @@ def run_demo(out: Path, *, backbone: str = "resnet10t", image_size: int = 48, se
     """Pretrain on the source task, fine-tune on the target task, compare with random weights."""
     from safetensors.torch import save_file
 
-    from transferkit.pipelines.evaluate import load_model
-    from transferkit.pipelines.fit import fit
-    from transferkit.pipelines.inference import evaluate_run, predict_paths
-    from transferkit.pipelines.run import RunDir
+    from transferkit.pipelines.api import fit
+    from transferkit.pipelines.evaluate.prediction import write_predictions
 
     out = Path(out)
     data = out / "data"
@@ -109,29 +106,26 @@ def run_demo(out: Path, *, backbone: str = "resnet10t", image_size: int = 48, se
     source = make_dataset(data / "source", SOURCE_CLASSES, source_per_class, seed)
     target = make_dataset(data / "target", TARGET_CLASSES, target_per_class, seed + 1)
     common = dict(backbone=backbone, image_size=image_size, seed=seed, workers=0, batch_size=32,
-                  augment="light", overwrite=True)
+                  augment="light", overwrite=True, progress=progress)
 
     log.info("1/4 pretraining %s on %d source classes (stands in for ImageNet weights)", backbone,
              len(SOURCE_CLASSES))
-    fit(FitConfig(data=str(source), out=str(out / "pretrain"), pretrained=False, finetune="full",
-                  epochs=pretrain_epochs, patience=0, lr=2e-3, **common), progress=progress)
-    model, _ = load_model(RunDir(out / "pretrain"))
+    pretrain = fit(source, out=out / "pretrain", pretrained=False, finetune="full", epochs=pretrain_epochs,
+                   patience=0, lr=2e-3, **common)
     weights = out / "pretrained-backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    save_file({k: v.contiguous() for k, v in pretrain.model.state_dict().items()}, str(weights))
 
     log.info("2/4 fine-tuning the pretrained backbone on %d target classes, %d images each",
              len(TARGET_CLASSES), target_per_class)
-    tuned = fit(FitConfig(data=str(target), out=str(out / "finetune"), weights=str(weights),
-                          finetune="auto", epochs=finetune_epochs, **common), progress=progress)
+    tuned = fit(target, out=out / "finetune", weights=str(weights), finetune="auto", epochs=finetune_epochs,
+                **common)
     log.info("3/4 the same target run from random weights, for comparison")
-    scratch = fit(FitConfig(data=str(target), out=str(out / "scratch"), pretrained=False, finetune="full",
-                            epochs=finetune_epochs, **common), progress=progress)
+    scratch = fit(target, out=out / "scratch", pretrained=False, finetune="full", epochs=finetune_epochs, **common)
 
     log.info("4/4 evaluating and predicting with the fine-tuned run")
-    evaluation = evaluate_run(out / "finetune", progress=progress)
+    evaluation = tuned.evaluate(progress=progress)
     sample = sorted((target / TARGET_CLASSES[0]).glob("*.png"))[:3]
-    preds = predict_paths(out / "finetune", sample, out / "finetune" / "predictions.csv", top_k=2,
-                          progress=progress)
-    return {"finetune": tuned, "scratch": scratch, "evaluation": evaluation, "predictions": str(preds),
+    preds = write_predictions(tuned.predict(sample, top_k=2), out / "finetune" / "predictions.csv", top_k=2)
+    return {"finetune": tuned.report, "scratch": scratch.report, "evaluation": evaluation, "predictions": str(preds),
             "runs": {"pretrain": str(out / "pretrain"), "finetune": str(out / "finetune"),
                      "scratch": str(out / "scratch")}}

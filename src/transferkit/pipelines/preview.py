@@ -23,7 +23,8 @@ from transferkit.augment.image import (
     train_transform,
 )
 from transferkit.errors import ConfigError, DataError
-from transferkit.pipelines.images import is_image_file, load_rgb
+from transferkit.pipelines.data.folders import collect_images
+from transferkit.pipelines.data.images import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,11 @@ def _find_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
     """(file, label) for every image file given or found under a given folder."""
     found: list[tuple[Path, str]] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)):
-                found.append((file, file.parent.name if file.parent != path else file.stem))
-        elif path.is_file():
-            found.append((path, path.stem))
-        else:
+        if not path.exists():
             raise DataError(f"preview input {path} does not exist: give image files or folders of images")
+        files, _ = collect_images([path]) if path.is_dir() else ([path], [])
+        for file in files:
+            found.append((file, file.parent.name if path.is_dir() and file.parent != path else file.stem))
     return found
 
 

@@ -1,4 +1,4 @@
-"""The run directory: its files, atomic checkpoints, metrics.csv, and loading a trained model back.
+"""The run directory, and the one way files are written (atomically) and checkpoints read (safely).
 
     RUN/config.yaml          every resolved setting (``fit --config`` replays it)
     RUN/classes.json         class names in label order
@@ -9,24 +9,19 @@
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import yaml
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from transferkit.backbones.factory import refused_global
-from transferkit.errors import CheckpointError, RunDirError
+from transferkit.errors import CheckpointError, RunDirError, refused_global
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +46,19 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.config.exists() or self.checkpoints.exists()
 
+    def check_creatable(self, overwrite: bool = False) -> None:
+        """Raise the one-line error ``create`` would raise, before any work is done."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path} is a file; pass a folder for the run")
+        if self.holds_run() and not overwrite:
+            raise RunDirError(f"{self.path} already holds a run; pass --overwrite to replace it, a new"
+                              " --out, or --resume to continue it")
+
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> "RunDir":
         run = cls(path)
-        if run.path.exists() and not run.path.is_dir():
-            raise RunDirError(f"--out {run.path} is a file; pass a folder for the run")
+        run.check_creatable(overwrite)
         if run.holds_run():
-            if not overwrite:
-                raise RunDirError(f"{run.path} already holds a run; pass --overwrite to replace it, a new"
-                                  " --out, or --resume to continue it")
             for f in (run.checkpoints.glob("*.ckpt") if run.checkpoints.exists() else []):
                 f.unlink()
             # Everything a run writes, so nothing of the old run can pass for the new one
@@ -113,9 +112,21 @@ class RunDir:
         return body
 
     def write_json(self, path: Path, data: Any) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-        os.replace(tmp, path)
+        write_json(path, data)
+
+    def read_json(self, path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{path} does not exist; the run has not finished (or was not evaluated)") from None
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{path} cannot be read ({exc}); run `transferkit evaluate {self.path}` to"
+                              " write it again") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(data, indent=2, default=_jsonable))
 
 
 def _jsonable(o: Any):
@@ -152,26 +163,50 @@ def signals_deferred():
             signal.raise_signal(s)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`.
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs):
+    """Open a temporary file beside `path`; when the block ends, flush it to disk and rename it
+    over `path`. Every file transferkit writes goes through here.
 
     A process killed at any moment leaves either the old file or the new one, never half of one;
-    an interrupt during the write waits until the file is whole.
+    an interrupt during the write waits until the file is whole. A failed write leaves `path` as it
+    was and raises a one-line error naming the path and the cause (a full disk, a read-only
+    folder) instead of the writer's own.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with signals_deferred():
         try:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, mode, **open_kwargs) as f:
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            raise RunDirError(f"cannot write {path}: {exc.strerror or exc}; free some space or pass a folder"
+                              " you can write to") from None
+        except RuntimeError as exc:  # torch's zip writer reports a failed write as RuntimeError
+            if "enforce fail" not in str(exc) and "write" not in str(exc).lower():
+                raise
+            raise RunDirError(f"cannot write {path}: the write failed (is the disk full?); free some space"
+                              " and resume") from None
         finally:
             tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through ``atomic_write``."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _fsync_dir(folder: Path) -> None:
     try:
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
@@ -183,6 +218,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain data only, never code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass a .ckpt file (a run keeps them in"
+                              f" {path / 'checkpoints'})" if not path.name == "checkpoints" else
+                              f"checkpoint {path} is a folder; pass one of its .ckpt files, e.g. {path / 'best.ckpt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train with `transferkit fit` first")
     try:
@@ -197,81 +236,3 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
                               " corrupt: use another checkpoint of the run") from None
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that renames complete files into place and loads only weights."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        atomic_torch_save(checkpoint, Path(path))
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return safe_load(path, map_location or "cpu")
-
-    def remove_checkpoint(self, path) -> None:
-        Path(path).unlink(missing_ok=True)
-
-
-class MetricsCSV(pl.Callback):
-    """One row per epoch in metrics.csv (rank 0 writes); a resumed run never repeats an epoch.
-
-    The row is written when validation ends, before the epoch's checkpoint (Lightning runs
-    checkpoint callbacks last), so a checkpoint never holds an epoch that metrics.csv lacks.
-    """
-
-    # val_count: how many val images the metrics cover, each once (fewer than the split when a
-    # file broke during training and was dropped).
-    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_loss_ema", "val_acc_ema",
-               "val_count", "lr", "seconds")
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._t0 = time.monotonic()
-        self._sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # current_epoch is restored by now: drop rows of epochs the checkpoint does not hold.
-        if trainer.is_global_zero and self.path.exists():
-            with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= trainer.current_epoch]
-            self._write(rows, mode="w")
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(outputs, dict) and "count" in outputs:
-            n = float(outputs["count"])
-            self._sums += torch.tensor([float(outputs["loss"]) * n, float(outputs["correct"]), n],
-                                       dtype=torch.float64)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        sums = self._sums.to(pl_module.device, torch.float32)
-        if trainer.world_size > 1:
-            sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        if not trainer.is_global_zero:
-            return
-        loss_sum, correct, n = (float(v) for v in sums)
-        m = trainer.callback_metrics
-        val = lambda k: f"{float(m[k]):.6g}" if k in m else ""  # noqa: E731
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
-        row = {"epoch": trainer.current_epoch + 1,
-               "train_loss": f"{loss_sum / n:.6g}" if n else "", "train_acc": f"{correct / n:.6g}" if n else "",
-               "val_loss": val("val_loss"), "val_acc": val("val_acc"),
-               "val_loss_ema": val("val_loss_ema"), "val_acc_ema": val("val_acc_ema"),
-               "val_count": f"{int(m['val_count'])}" if "val_count" in m else "",
-               "lr": f"{lr:.6g}" if lr is not None else "", "seconds": f"{time.monotonic() - self._t0:.2f}"}
-        self._write([row], mode="a")
-
-    def _write(self, rows: list[dict], mode: str) -> None:
-        new = mode == "w" or not self.path.exists()
-        with self.path.open(mode, newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,10 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 # Up to this many pixels a full decode costs about a millisecond: no reason to check less.
 FULL_DECODE_PIXELS = 512 * 512
 
-# A truncated file must fail loudly, never decode as half grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Very large photos are legitimate here; the bomb check is for untrusted web servers.
-Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 300_000_000)
+# PIL's process-wide switches are left as the user has them. Its decompression-bomb limit holds
+# (an image over 2 x Image.MAX_IMAGE_PIXELS, about 179 million pixels by default, is left out);
+# its warning for images past half that limit is silenced where images are opened: large photos
+# are legitimate here. A truncated file fails (PIL's default), never decodes as half grey.
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -42,7 +42,7 @@ def probe_image(path: str | Path) -> str | None:
     """Return None when `path` decodes, else a short reason why it cannot be used."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height <= FULL_DECODE_PIXELS:
                     im.load()
@@ -96,9 +96,11 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 def load_rgb(path: str | Path) -> Image.Image:
     """Open any supported image (first frame of a GIF) as RGB, with EXIF orientation applied."""
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

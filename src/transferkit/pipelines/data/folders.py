@@ -1,4 +1,4 @@
-"""Scan and validate an image folder, split it, and serve it as Datasets and a DataModule.
+"""Find the images of a folder: walk it, check each file, name its classes, split it.
 
 Two layouts are understood:
 
@@ -7,34 +7,24 @@ Two layouts are understood:
 """
 from __future__ import annotations
 
-import csv
 import logging
 import multiprocessing as mp
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
 from transferkit.errors import DataError
-from transferkit.pipelines.images import DECODE_ERRORS, describe_error, is_image_file, load_rgb, probe_image
+from transferkit.pipelines.data.datasets import Sample
+from transferkit.pipelines.data.images import is_image_file, probe_image
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str
-    label: int
 
 
 @dataclass
@@ -56,15 +46,15 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_files(class_dir: Path) -> list[str]:
-    """Every file under `class_dir`, sorted, as strings: Path objects cost a second per 100,000.
+def walk_files(folder: str | Path) -> list[str]:
+    """Every file under `folder`, sorted, as strings: Path objects cost a second per 100,000.
 
     Linked folders are followed, each real folder once: a link back up the tree would
     otherwise list its images again at every level until the path grows too long.
     """
     out: list[str] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
@@ -125,7 +115,7 @@ def _scan_split(folder: Path, classes: list[str] | None, workers: int, progress:
     candidates: list[tuple[str, int]] = []
     skipped: list[tuple[str, str]] = []
     for label, d in enumerate(class_dirs):
-        for p in _list_files(d):
+        for p in walk_files(d):
             name = os.path.basename(p)
             if is_image_file(name):
                 candidates.append((p, label))
@@ -142,7 +132,7 @@ def _scan_split(folder: Path, classes: list[str] | None, workers: int, progress:
 
 
 def scan_folder(root: str | Path, *, workers: int | None = None, progress: bool = True,
-                strict: bool = False) -> ScanResult:
+                strict: bool = False, quiet: bool = False) -> ScanResult:
     """Find classes and usable images under `root`; raise DataError when it cannot be trained on.
 
     Sample paths are absolute, so that a run's saved splits work from any working directory.
@@ -190,7 +180,8 @@ def scan_folder(root: str | Path, *, workers: int | None = None, progress: bool 
         if strict:
             raise DataError(f"{len(skipped)} unusable file(s) in {root}, e.g. {first};"
                             " fix or remove them, or run without --strict to leave them out")
-        log.warning("left out %d unusable file(s), e.g. %s", len(skipped), first)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "left out %d unusable file(s), e.g. %s",
+                len(skipped), first)
     return result
 
 
@@ -214,177 +205,27 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
 
 
 # File names that are not valid UTF-8 reach Python as surrogate escapes; they must round-trip
-# through the CSVs unchanged (a strict codec cannot write them at all).
-_CSV_TEXT = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
 
 
-def write_split_csv(path: Path, samples: Sequence[Sample], classes: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", **_CSV_TEXT) as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for s in samples:
-            w.writerow([s.path, classes[s.label]])
-    os.replace(tmp, path)
-
-
-def read_split_csv(path: Path, classes: Sequence[str]) -> list[Sample]:
-    index = {c: i for i, c in enumerate(classes)}
-    try:
-        with path.open(**_CSV_TEXT) as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-    except (OSError, csv.Error) as exc:
-        raise DataError(f"split file {path} cannot be read ({exc}); restore it, or train again") from None
-    if not {"path", "label"} <= set(reader.fieldnames or ()):
-        raise DataError(f"split file {path} has no path,label header; restore the file written by"
-                        " `transferkit fit`")
-    unknown = sorted({r["label"] for r in rows} - set(index))
-    if unknown:
-        raise DataError(f"{path} names classes the run does not know: {', '.join(unknown[:5])}")
-    return [Sample(r["path"], index[r["label"]]) for r in rows]
-
-
-def write_skipped_csv(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", **_CSV_TEXT) as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        w.writerows(skipped)
-    os.replace(tmp, path)
-
-
-def read_skipped_csv(path: Path) -> list[tuple[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(**_CSV_TEXT) as f:
-        return [(r["path"], r["reason"]) for r in csv.DictReader(f)]
-
-
-class ImageDataset(Dataset):
-    """(image tensor, label, index) triples.
-
-    A file can pass the scan and still break later (changed on disk, a decoder edge case).
-    With ``replace_failed`` (training) the epoch goes on with the next sample in its place and
-    the path is logged once. Without it (evaluation, prediction: the default) the failure is a
-    DataError naming the file, because a stand-in image would silently change the metrics or
-    the prediction written for that path.
-    """
-
-    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None, *,
-                 replace_failed: bool = False):
-        self.samples = list(samples)
-        self.transform = transform
-        self.replace_failed = replace_failed
-        self.failed: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _load(self, i: int):
-        s = self.samples[i]
-        img = load_rgb(s.path)
-        return (self.transform(img) if self.transform else img), s.label
-
-    def __getitem__(self, index: int):
-        if not self.replace_failed:
-            try:
-                x, y = self._load(index)
-            except DECODE_ERRORS as exc:
-                raise DataError(f"{self.samples[index].path} could not be read ({describe_error(exc)});"
-                                " restore the file, or pass images without it") from None
-            return x, y, index
-        n = len(self.samples)
-        for attempt in range(min(n, 20)):
-            i = (index + attempt) % n
-            try:
-                x, y = self._load(i)
-                return x, y, i
-            except DECODE_ERRORS as exc:
-                path = self.samples[i].path
-                if path not in self.failed:
-                    self.failed.add(path)
-                    log.warning("could not read %s during training (%s); using another image in its place",
-                                path, describe_error(exc))
-        raise DataError(f"{min(n, 20)} images in a row failed to load, starting at {self.samples[index].path};"
-                        " check the data folder")
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffle that is a function of (seed, epoch) alone, so a resumed run sees the same order.
-
-    It also reseeds the DataLoader's generator, from which each epoch's worker seeds are drawn,
-    so worker-side augmentation is reproducible per epoch too. torch's RandomSampler draws from
-    the global generator instead, whose state a resumed process does not have.
-    """
-
-    def __init__(self, n: int, seed: int, generator: torch.Generator, epoch: int = 0):
-        self.n, self.seed, self.generator = n, seed, generator
-        self.set_epoch(epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.generator.manual_seed(epoch_seed(self.seed, epoch))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + 1)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-class EpochSeed(pl.Callback):
-    """Seed torch, numpy and random at every epoch start from (seed, epoch).
-
-    Dropout, batch mixing and in-process augmentation then depend on the epoch, not on the
-    history of the process, which is what makes an interrupted and resumed run end where an
-    uninterrupted one does.
-    """
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(epoch_seed(self.seed, trainer.current_epoch) % (2**32), workers=True, verbose=False)
-
-
-class ImageDataModule(pl.LightningDataModule):
-    def __init__(self, train: Sequence[Sample], val: Sequence[Sample], train_transform: Callable,
-                 eval_transform: Callable, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
-        super().__init__()
-        self.train_ds = ImageDataset(train, train_transform, replace_failed=True)
-        # A replaced validation image returns its stand-in's index, and the classifier counts
-        # each index once: the broken file drops out of val metrics instead of ending the run.
-        self.val_ds = ImageDataset(val, eval_transform, replace_failed=True)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-
-    def _loader(self, ds: Dataset, shuffle: bool = False, drop_last: bool = False, sampler=None,
-                generator=None) -> DataLoader:
-        # Workers are not persistent: each epoch's workers take fresh seeds drawn from `generator`.
-        return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
-            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        # A last batch of one breaks BatchNorm in training mode; drop it only when it would be tiny.
-        drop = len(self.train_ds) % self.batch_size == 1 and len(self.train_ds) > self.batch_size
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            # Lightning swaps in a DistributedSampler, itself a function of (seed, epoch).
-            return self._loader(self.train_ds, shuffle=True, drop_last=drop)
-        epoch = trainer.current_epoch if trainer is not None else 0
-        g = torch.Generator()
-        return self._loader(self.train_ds, sampler=EpochSampler(len(self.train_ds), self.seed, g, epoch),
-                            generator=g, drop_last=drop)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_ds, shuffle=False)
+def collect_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files named or found (recursively) under `paths`, in order, and the files that are
+    not images, with the reason. Files are not decoded here: a broken one is reported where it is
+    read."""
+    found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = walk_files(p)
+        elif p.is_file():
+            files = [str(p)]
+        else:
+            raise DataError(f"{p} does not exist; pass image files or folders of images")
+        for f in files:
+            name = os.path.basename(f)
+            if is_image_file(name):
+                found.append(Path(f))
+            elif not name.startswith("."):
+                skipped.append((f, f"not an image extension ({os.path.splitext(name)[1] or 'none'})"))
+    if not found:
+        raise DataError(f"no image files in {', '.join(map(str, paths))}; pass image files or folders of images")
+    return found, skipped

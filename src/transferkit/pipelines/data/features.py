@@ -13,16 +13,21 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.pipelines.data import EpochSampler, ImageDataset, Sample, epoch_seed
+from transferkit.pipelines.data.datasets import ImageDataset, Sample, epoch_seed
 
 log = logging.getLogger(__name__)
 
 IN_MEMORY_BYTES = 2 * 1024**3  # larger caches are memory-mapped files in RUN/cache/
+
+
+def feature_batch(batch_size: int) -> int:
+    """Images per frozen forward pass: the advisor's pass and the cache use the same, so that the
+    features they compute are the same to the bit (a CPU's results depend on the batch shape)."""
+    return max(batch_size, 64)
 
 
 def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -102,51 +107,3 @@ class FeatureDataset(Dataset):
     def __getitem__(self, flat: int):
         view, i = divmod(flat, self.n)
         return self.features[view, i], self.labels[i], i
-
-
-class ViewSampler(EpochSampler):
-    """Every image once per epoch, each through one of its cached views, chosen by (seed, epoch).
-
-    With several processes, rank r takes every world-th index of the same order (padded with
-    repeats to equal length, as torch's DistributedSampler does), so an epoch still means one
-    view of each image; Lightning's own sampler would walk every view.
-    """
-
-    def __init__(self, n: int, views: int, seed: int, generator: torch.Generator, epoch: int = 0,
-                 rank: int = 0, world: int = 1):
-        self.views, self.rank, self.world = views, rank, world
-        super().__init__(n, seed, generator, epoch)
-
-    def __len__(self) -> int:
-        return -(-self.n // self.world)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + 1)
-        order = torch.randperm(self.n, generator=g)
-        view = torch.randint(0, self.views, (self.n,), generator=g)
-        flat = (view * self.n + order).tolist()
-        if self.world > 1:
-            flat = (flat * 2)[: len(self) * self.world][self.rank::self.world]
-        return iter(flat)
-
-
-class FeatureDataModule(pl.LightningDataModule):
-    def __init__(self, train: torch.Tensor, train_labels: Sequence[int], val: torch.Tensor,
-                 val_labels: Sequence[int], batch_size: int, seed: int):
-        super().__init__()
-        self.train_ds = FeatureDataset(train, train_labels)
-        self.val_ds = FeatureDataset(val, val_labels)
-        self.batch_size, self.seed = batch_size, seed
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        g = torch.Generator()
-        epoch = trainer.current_epoch if trainer is not None else 0
-        sampler = ViewSampler(self.train_ds.n, self.train_ds.views, self.seed, g, epoch, rank, world)
-        per_rank = len(sampler)
-        drop = per_rank % self.batch_size == 1 and per_rank > self.batch_size
-        return DataLoader(self.train_ds, batch_size=self.batch_size, sampler=sampler, generator=g, drop_last=drop)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=max(self.batch_size, 256))

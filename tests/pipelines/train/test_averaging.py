@@ -1,9 +1,6 @@
-"""EMA, SWA and snapshot schedules: the arithmetic, checked against closed forms on toy models."""
+"""EMA, SWA and BatchNorm recomputation: the arithmetic, checked against closed forms on toy models."""
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -11,20 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferkit.errors import ConfigError
-from transferkit.pipelines.config import FitConfig
-from transferkit.pipelines.ensembling import (
-    EMA_KEY,
-    EMACallback,
-    SWACallback,
-    check_averaging,
-    cycle_ends,
-    recompute_batchnorm,
-    snapshot_lr_factor,
-    swa_epochs,
-)
-from transferkit.pipelines.evaluate import expected_calibration_error, reliability_bins
-from transferkit.pipelines.inference import parse_ensemble_list, parse_tta_list
+from transferkit.pipelines.train.averaging import EMA_KEY, EMACallback, SWACallback, recompute_batchnorm
 
 
 class Toy(pl.LightningModule):
@@ -147,90 +131,3 @@ def test_recompute_batchnorm_leaves_frozen_layers_alone():
         h = net[2](net[1](net[0](torch.cat(data))))
     torch.testing.assert_close(net[3].running_mean, h.mean(0), rtol=0, atol=1e-5)
     assert not net.training and net[3].momentum == 0.1
-
-
-def test_cycles_split_the_epochs_and_the_last_takes_the_rest():
-    assert cycle_ends(6, 3) == [2, 4, 6]
-    assert cycle_ends(10, 3) == [3, 6, 10]
-    assert cycle_ends(3, 3) == [1, 2, 3]
-    with pytest.raises(ConfigError, match="--epochs 4 or more"):
-        cycle_ends(3, 4)
-    assert swa_epochs(20) == [16, 17, 18, 19, 20]
-    assert swa_epochs(5) == [4, 5]
-    assert swa_epochs(1) == [1]
-    assert swa_epochs(9, snapshots=3) == [3, 6, 9]
-
-
-def test_snapshot_schedule_restarts_and_ends_every_cycle_at_its_minimum():
-    per_epoch, epochs, cycles, floor = 5, 7, 3, 0.01
-    total = per_epoch * epochs
-    f = [snapshot_lr_factor(s, total, 3, cycles, floor, per_epoch) for s in range(total)]
-    ends = [e * per_epoch for e in cycle_ends(epochs, cycles)]  # steps 10, 20, 35
-    assert ends == [10, 20, 35]
-    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # warmup, first cycle only
-    for start, end in zip([0, *ends[:-1]], ends):
-        assert f[end - 1] == pytest.approx(floor)
-        assert min(f[start:end]) == pytest.approx(floor)
-        assert all(a >= b for a, b in zip(f[max(start, 3):end], f[max(start, 3) + 1:end]))  # decreasing
-    assert f[10] == f[20] == 1.0  # warm restarts
-    assert f[22] == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / 14)))
-    assert snapshot_lr_factor(total, total, 3, cycles, floor, per_epoch) == floor
-
-
-def test_averaging_settings_that_cannot_work_are_one_line_errors():
-    with pytest.raises(ConfigError, match=r"--snapshots 5 needs .* --epochs 5 or more"):
-        check_averaging(FitConfig(epochs=3, snapshots=5))
-    with pytest.raises(ConfigError, match="--ema-decay 1.5 must be between 0 and 1"):
-        check_averaging(FitConfig(ema=True, ema_decay=1.5))
-    with pytest.raises(ConfigError, match="drop --schedule step"):
-        check_averaging(FitConfig(epochs=6, snapshots=3, schedule="step"))
-    check_averaging(FitConfig(epochs=6, snapshots=3, ema=True, swa=True))
-
-
-def test_tta_lists_keep_multiscale_scales_together():
-    assert parse_tta_list("plain,hflip,ten-crop") == ["plain", "hflip", "ten-crop"]
-    assert parse_tta_list("hflip,multiscale:0.9,1.0,1.1,plain") == ["plain", "hflip", "multiscale:0.9,1.0,1.1"]
-    assert parse_tta_list("hflip+multiscale:0.9,1.1;five-crop") == ["hflip+multiscale:0.9,1.1", "five-crop"]
-    assert parse_tta_list(["plain", "plain", "hflip"]) == ["plain", "hflip"]
-    with pytest.raises(ConfigError, match=r"stray number '0.9'"):
-        parse_tta_list("plain,0.9")
-    with pytest.raises(ConfigError, match="unknown TTA view 'sideways'"):
-        parse_tta_list("plain,sideways")
-    with pytest.raises(ConfigError, match="empty view spec"):
-        parse_tta_list("plain,,hflip")
-    assert parse_ensemble_list("ema, none,snapshots") == ["none", "ema", "snapshots"]
-    with pytest.raises(ConfigError, match="unknown --ensemble 'polyak'"):
-        parse_ensemble_list("none,polyak")
-
-
-def test_calibration_bins_and_ece_by_hand():
-    probs = np.array([[0.93, 0.07], [0.85, 0.15], [0.28, 0.72], [0.44, 0.56], [0.03, 0.97]])
-    labels = np.array([0, 1, 1, 0, 1])
-    b = reliability_bins(probs, labels, bins=10)
-    assert b["count"].tolist() == [0, 0, 0, 0, 0, 1, 0, 1, 1, 2]
-    assert b["accuracy"][9] == 1.0 and b["confidence"][9] == pytest.approx(0.95)
-    assert b["accuracy"][8] == 0.0 and np.isnan(b["accuracy"][0])
-    # 15 bins: every sample alone in its bin
-    gaps = [1 - 0.93, 0.85, 1 - 0.72, 0.56, 1 - 0.97]
-    assert expected_calibration_error(probs, labels, bins=15) == pytest.approx(sum(gaps) / 5)
-
-
-@pytest.mark.parametrize("size,crop_pct,interpolation", [(32, 0.875, "bilinear"), (50, 0.875, "bicubic"),
-                                                          (41, 0.9, "bilinear")])
-def test_the_plain_view_is_fit_eval_transform_to_the_bit(size, crop_pct, interpolation):
-    from PIL import Image
-
-    from transferkit.augment.image import eval_transform
-    from transferkit.augment.tta import TTA
-    from transferkit.backbones.factory import DataConfig
-    from transferkit.pipelines.inference import EvalRegion
-
-    dc = DataConfig((3, size, size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation, crop_pct)
-    region = EvalRegion(dc)
-    fit_eval = eval_transform(size, dc.mean, dc.std, crop_pct, interpolation)
-    rng = np.random.default_rng(0)
-    for h, w in [(97, 61), (60, 203), (size, size), (301, 300)]:
-        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        x = region(image)
-        assert x.shape[-2:] == region.region and min(region.region) >= size
-        assert torch.equal(TTA("plain", size=size).views(x[None])[0], fit_eval(image)), (h, w)

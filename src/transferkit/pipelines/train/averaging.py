@@ -1,5 +1,4 @@
-"""Weight averaging and snapshot ensembles: the callbacks that make them during ``fit`` and the
-members that ``evaluate`` and ``predict`` load back.
+"""Weight averaging and snapshot ensembles: the callbacks that make them during ``fit``.
 
 - ``fit --ema``: an exponential moving average of the weights and BatchNorm buffers, updated after
   every optimizer step with a warmup, ``decay_t = min(D, (1 + t) / (10 + t))`` where ``t`` counts
@@ -16,19 +15,13 @@ members that ``evaluate`` and ``predict`` load back.
   first cycle. Every cycle ends at the lowest learning rate, where ``checkpoints/snapshot-i.ckpt``
   is written. Early stopping judges only at cycle ends, and its patience counts cycles.
 
-``evaluate --ensemble`` names: ``none`` (the ``--checkpoint`` weights), ``ema`` (that checkpoint's
-averaged weights), ``swa``, ``snapshots`` (all snapshot checkpoints) and ``all`` (every model the
-run holds, a weight file counted once).
+The members that ``evaluate`` and ``predict`` load back are in ``pipelines/evaluate/members.py``.
 """
 from __future__ import annotations
 
 import abc
-
 import logging
-import math
-import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -38,97 +31,15 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel
 
-from transferkit.errors import CheckpointError, ConfigError
-from transferkit.pipelines.classifier import first_per_index
-from transferkit.pipelines.run import RunDir, atomic_torch_save, safe_load
+from transferkit.pipelines.rundir import atomic_torch_save
+from transferkit.pipelines.train.module import first_per_index
+from transferkit.pipelines.train.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
-ENSEMBLES = ("none", "ema", "swa", "snapshots", "all")
 EMA_KEY = "ema_state_dict"
 SWA_NAME = "swa"
 SNAPSHOT_PREFIX = "snapshot-"
-
-
-# ----------------------------------------------------------------------------- settings and schedules
-
-
-def check_averaging(cfg) -> None:
-    """Raise ConfigError for ``--ema-decay``, ``--swa`` or ``--snapshots`` settings that cannot work."""
-    if not 0.0 < cfg.ema_decay < 1.0:
-        raise ConfigError(f"--ema-decay {cfg.ema_decay} must be between 0 and 1, e.g. 0.999")
-    if cfg.snapshots < 0:
-        raise ConfigError(f"--snapshots {cfg.snapshots} must be 0 (off) or a number of cycles such as 3")
-    if cfg.snapshots > cfg.epochs:
-        raise ConfigError(f"--snapshots {cfg.snapshots} needs at least one epoch per cycle; use --epochs"
-                          f" {cfg.snapshots} or more (each cycle lasts epochs // snapshots epochs)")
-    if cfg.snapshots and cfg.schedule != "cosine":
-        raise ConfigError(f"--snapshots runs its own cosine cycles; drop --schedule {cfg.schedule}")
-
-
-def cycle_ends(epochs: int, cycles: int) -> list[int]:
-    """The epochs (1-based) that end each snapshot cycle: ``epochs // cycles`` epochs per cycle,
-    the last cycle taking the remainder."""
-    if cycles < 1 or epochs < cycles:
-        raise ConfigError(f"{cycles} snapshot cycles cannot fit in {epochs} epochs; use --epochs {max(cycles, 1)}"
-                          " or more")
-    length = epochs // cycles
-    return [length * (i + 1) for i in range(cycles - 1)] + [epochs]
-
-
-def snapshot_lr_factor(step: int, total: int, warmup: int, cycles: int, min_ratio: float,
-                       steps_per_epoch: int = 1) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total`` under ``cycles``
-    cosine cycles with warm restarts (Loshchilov & Hutter's SGDR with equal cycles).
-
-    Cycles start and end on epoch boundaries (see ``cycle_ends``). The linear warmup (at most half
-    of the first cycle) belongs to the first cycle; the last step of every cycle runs at exactly
-    ``min_ratio``. torch's CosineAnnealingWarmRestarts was considered: it neither warms up nor
-    ends a cycle on its minimum (it restarts one step early), and it counts in epochs or steps
-    without aligning cycles to epochs.
-    """
-    epochs = max(1, total // max(1, steps_per_epoch))
-    cycles = min(cycles, epochs)
-    bounds = [e * steps_per_epoch for e in cycle_ends(epochs, cycles)]
-    bounds[-1] = total
-    if step >= total:
-        return min_ratio
-    cycle = next(i for i, end in enumerate(bounds) if step < end)
-    start = bounds[cycle - 1] if cycle else 0
-    end = bounds[cycle]
-    if cycle == 0:
-        warm = min(warmup, (end - start) // 2)
-        if step < warm:
-            return (step + 1) / warm
-        start += warm
-    length = end - start
-    progress = 1.0 if length <= 1 else (step - start) / (length - 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def swa_epochs(epochs: int, snapshots: int = 0) -> list[int]:
-    """The epochs (1-based) whose final weights SWA averages: the snapshot cycle ends, else the
-    last quarter of the run (at least two epochs where there are two)."""
-    if snapshots:
-        return cycle_ends(epochs, snapshots)
-    n = min(epochs, max(2, math.ceil(epochs / 4)))
-    return list(range(epochs - n + 1, epochs + 1))
-
-
-def averaging_schedule(trainer: pl.Trainer | None, base: Callable[[int], float], *, total: int, warmup: int,
-                       steps_per_epoch: int, min_ratio: float) -> Callable[[int], float]:
-    """The lr multiplier to train with, given the trainer's callbacks: snapshot cycles replace
-    ``base``; SWA without snapshots holds ``base`` flat from its first epoch (as SWALR does)."""
-    callbacks = list(getattr(trainer, "callbacks", None) or [])
-    snap = next((c for c in callbacks if isinstance(c, SnapshotCallback)), None)
-    if snap is not None:
-        cycles = snap.cycles
-        return lambda s: snapshot_lr_factor(s, total, warmup, cycles, min_ratio, steps_per_epoch)
-    swa = next((c for c in callbacks if isinstance(c, SWACallback)), None)
-    if swa is not None and swa.hold_lr:
-        hold = max(warmup, (min(swa.epochs) - 1) * steps_per_epoch)
-        return lambda s: base(min(s, hold))
-    return base
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -254,8 +165,6 @@ class EMACallback(pl.Callback):
     """
 
     def __init__(self, decay: float = 0.999):
-        if not 0.0 < decay < 1.0:
-            raise ConfigError(f"--ema-decay {decay} must be between 0 and 1, e.g. 0.999")
         self.decay = decay
         self.average: AveragedModel | None = None
         self._prefix = ""
@@ -351,14 +260,11 @@ class SWACallback(_OncePerEpoch):
     """
 
     def __init__(self, dirpath: str | Path, epochs: Sequence[int], bn_loader: Callable[[], Iterable] | None = None,
-                 hold_lr: bool = True, progress: bool = True):
+                 progress: bool = True):
         super().__init__()
-        if not epochs:
-            raise ConfigError("SWA needs at least one epoch to average")
         self.dirpath = Path(dirpath)
         self.epochs = sorted(set(int(e) for e in epochs))
         self.bn_loader = bn_loader
-        self.hold_lr = hold_lr
         self.progress = progress
         self.average: AveragedModel | None = None
         self.averaged_epochs: list[int] = []
@@ -417,15 +323,13 @@ class SWACallback(_OncePerEpoch):
 
 
 class SnapshotCallback(_OncePerEpoch):
-    """Writes ``dirpath/snapshot-i.ckpt`` (weights only) at the end of snapshot cycle ``i``;
-    ``averaging_schedule`` gives the cyclic learning rate that makes every cycle end at its minimum."""
+    """Writes ``dirpath/snapshot-i.ckpt`` (weights only) at the end of snapshot cycle ``i``, the
+    Trainer epochs ``ends`` (1-based) that the ``Schedule`` ends its cycles at."""
 
-    def __init__(self, dirpath: str | Path, epochs: int, cycles: int):
+    def __init__(self, dirpath: str | Path, ends: Sequence[int]):
         super().__init__()
         self.dirpath = Path(dirpath)
-        self.epochs = epochs
-        self.cycles = cycles
-        self.ends = cycle_ends(epochs, cycles)
+        self.ends = list(ends)
 
     def _epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
@@ -433,134 +337,43 @@ class SnapshotCallback(_OncePerEpoch):
             path = self.dirpath / f"{SNAPSHOT_PREFIX}{self.ends.index(epoch) + 1}.ckpt"
             trainer.save_checkpoint(path, weights_only=True)  # every rank calls it; rank 0 writes
             if trainer.is_global_zero:
-                log.info("snapshot %d of %d written to %s", self.ends.index(epoch) + 1, self.cycles, path)
+                log.info("snapshot %d of %d written to %s", self.ends.index(epoch) + 1, len(self.ends), path)
 
 
-class CycleEarlyStopping(EarlyStopping):
-    """Early stopping that judges only at the end of a snapshot cycle: mid-cycle the learning
-    rate is high and the accuracy says little. Patience counts cycles."""
+class JudgedEarlyStopping(EarlyStopping):
+    """Early stopping that judges only at ``epochs`` (1-based): the ends of snapshot cycles, where
+    mid-cycle the rate is high and the accuracy says little (patience then counts cycles), or the
+    epochs after lp-ft's probe phase."""
 
-    def __init__(self, ends: Sequence[int], **kwargs):
+    def __init__(self, epochs: set[int], **kwargs):
         super().__init__(**kwargs)
-        self.ends = set(ends)
+        self.epochs = set(epochs)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch + 1 in self.ends:
+        if trainer.current_epoch + 1 in self.epochs:
             super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch + 1 in self.ends:
+        if trainer.current_epoch + 1 in self.epochs:
             super().on_validation_end(trainer, pl_module)
 
 
-def averaging_callbacks(cfg, checkpoints: str | Path, bn_loader: Callable[[], Iterable] | None = None,
-                        progress: bool = True) -> list[pl.Callback]:
+def averaging_callbacks(cfg, schedule: Schedule, checkpoints: str | Path,
+                        bn_loader: Callable[[], Iterable] | None = None, progress: bool = True) -> list[pl.Callback]:
     """The callbacks that ``cfg.ema``, ``cfg.swa`` and ``cfg.snapshots`` ask for."""
-    check_averaging(cfg)
     out: list[pl.Callback] = []
     if cfg.ema:
         out.append(EMACallback(cfg.ema_decay))
     if cfg.snapshots:
-        out.append(SnapshotCallback(checkpoints, cfg.epochs, cfg.snapshots))
+        out.append(SnapshotCallback(checkpoints, schedule.snapshot_epochs()))
     if cfg.swa:
-        out.append(SWACallback(checkpoints, swa_epochs(cfg.epochs, cfg.snapshots), bn_loader,
-                               hold_lr=not cfg.snapshots, progress=progress))
+        out.append(SWACallback(checkpoints, schedule.swa_epochs(), bn_loader, progress=progress))
     return out
 
 
-def early_stopping(cfg, monitor: str = "val_acc", mode: str = "max") -> EarlyStopping:
-    """Early stopping for ``cfg``: at cycle ends with ``--snapshots``, else every epoch."""
-    if cfg.snapshots:
-        return CycleEarlyStopping(cycle_ends(cfg.epochs, cfg.snapshots), monitor=monitor, mode=mode,
-                                  patience=cfg.patience)
-    return EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience)
-
-
-# ----------------------------------------------------------------------------- ensemble members
-
-
-@dataclass(frozen=True)
-class Member:
-    """One set of weights in an ensemble: ``key`` of ``checkpoints/<checkpoint>.ckpt``."""
-
-    checkpoint: str
-    key: str = "state_dict"
-
-    @property
-    def name(self) -> str:
-        return self.checkpoint + (":ema" if self.key == EMA_KEY else "")
-
-
-def snapshot_names(run: RunDir) -> list[str]:
-    """``snapshot-1`` ... in cycle order."""
-    found = []
-    for path in run.checkpoints.glob(f"{SNAPSHOT_PREFIX}*.ckpt"):
-        m = re.fullmatch(rf"{SNAPSHOT_PREFIX}(\d+)", path.stem)
-        if m:
-            found.append((int(m.group(1)), path.stem))
-    return [name for _, name in sorted(found)]
-
-
-class RunWeights:
-    """Checkpoints of a run loaded once each (through ``safe_load``) and the members of each ensemble."""
-
-    def __init__(self, run: RunDir, checkpoint: str = "best"):
-        self.run = run
-        self.checkpoint = checkpoint
-        self._loaded: dict[str, dict] = {}
-
-    def load(self, name: str) -> dict:
-        if name not in self._loaded:
-            self._loaded[name] = safe_load(self.run.checkpoint(name))
-        return self._loaded[name]
-
-    def state_dict(self, member: Member) -> dict[str, Tensor]:
-        ckpt = self.load(member.checkpoint)
-        if member.key not in ckpt:
-            raise CheckpointError(f"{self.run.checkpoint(member.checkpoint)} holds no {member.key}; "
-                                  + ("train with `transferkit fit --ema`" if member.key == EMA_KEY
-                                     else "use a checkpoint written by `transferkit fit`"))
-        return ckpt[member.key]
-
-    def available(self) -> list[str]:
-        """The ``--ensemble`` values this run can provide."""
-        out = ["none"]
-        if self.run.checkpoint(self.checkpoint).exists() and EMA_KEY in self.load(self.checkpoint):
-            out.append("ema")
-        if self.run.checkpoint(SWA_NAME).exists():
-            out.append("swa")
-        if snapshot_names(self.run):
-            out.append("snapshots")
-        return out + ["all"]
-
-    def members(self, ensemble: str) -> list[Member]:
-        """The weights that ``ensemble`` merges; CheckpointError naming the fit flag when the run lacks them."""
-        base = Member(self.checkpoint)
-        if ensemble == "none":
-            self.load(self.checkpoint)
-            return [base]
-        if ensemble == "ema":
-            if EMA_KEY not in self.load(self.checkpoint):
-                raise CheckpointError(f"{self.run.checkpoint(self.checkpoint)} holds no EMA weights; train with"
-                                      " `transferkit fit --ema` to evaluate --ensemble ema")
-            return [Member(self.checkpoint, EMA_KEY)]
-        if ensemble == "swa":
-            if not self.run.checkpoint(SWA_NAME).exists():
-                raise CheckpointError(f"{self.run.path} has no SWA weights ({self.run.checkpoint(SWA_NAME)});"
-                                      " train with `transferkit fit --swa` to evaluate --ensemble swa")
-            return [Member(SWA_NAME)]
-        if ensemble == "snapshots":
-            names = snapshot_names(self.run)
-            if not names:
-                raise CheckpointError(f"{self.run.checkpoints} holds no snapshot-*.ckpt; train with"
-                                      " `transferkit fit --snapshots 3` to evaluate --ensemble snapshots")
-            return [Member(n) for n in names]
-        if ensemble == "all":
-            found = [m for e in self.available() if e not in ("none", "all") for m in self.members(e)]
-            # best.ckpt often is one of the snapshots (same step): count those weights once.
-            steps = {self.load(m.checkpoint).get("global_step") for m in found
-                     if m.checkpoint.startswith(SNAPSHOT_PREFIX)}
-            if self.load(self.checkpoint).get("global_step") not in steps:
-                found.insert(0, base)
-            return found
-        raise ConfigError(f"unknown --ensemble {ensemble!r}; use one of {', '.join(ENSEMBLES)}")
+def early_stopping(patience: int, schedule: Schedule, monitor: str = "val_acc", mode: str = "max") -> EarlyStopping:
+    """Early stopping that judges where the schedule allows (see ``Schedule.judged_epochs``)."""
+    judged = schedule.judged_epochs()
+    if judged is not None:
+        return JudgedEarlyStopping(judged, monitor=monitor, mode=mode, patience=patience)
+    return EarlyStopping(monitor=monitor, mode=mode, patience=patience)

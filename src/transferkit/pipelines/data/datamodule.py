@@ -1,0 +1,96 @@
+"""The DataModule of a fit: training and validation loaders of images, or of cached features.
+
+Epochs that train the head alone on a frozen backbone (every epoch of ``freeze``, lp-ft's probe
+epochs) read pre-logits features computed once (``features.extract``); the other epochs read
+images. Which epoch reads what is the ``reads_features`` rule the module follows too; the cache
+is built the first time an epoch asks for it, so a run resumed past the probe phase never builds
+it. Samplers shard by rank themselves (Lightning's distributed sampler is off): an epoch means
+one view of each image on every launch, and the order is a function of (seed, epoch) alone.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.pipelines.data.datasets import EpochSampler, ImageDataset, Sample, ShardSampler, drop_tiny_last
+from transferkit.pipelines.data.features import FeatureDataset
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """Frozen features ``(views, n, d)`` of the training split and ``(1, n, d)`` of validation."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+class FitDataModule(pl.LightningDataModule):
+    def __init__(self, train: Sequence[Sample], val: Sequence[Sample], train_transform: Callable,
+                 eval_transform: Callable, *, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
+                 run_path: Path | None = None, reads_features: Callable[[int], bool] = lambda epoch: False,
+                 build_cache: Callable[[torch.device, int, Path], FeatureCache] | None = None):
+        super().__init__()
+        self.train_samples, self.val_samples = list(train), list(val)
+        self.train_ds = ImageDataset(train, train_transform, replace_failed=True)
+        # A replaced validation image returns its stand-in's index, and the classifier counts
+        # each index once: the broken file drops out of val metrics instead of ending the run.
+        self.val_ds = ImageDataset(val, eval_transform, replace_failed=True)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.reads_features = reads_features
+        self._build_cache = build_cache
+        self._cache: FeatureCache | None = None
+        self.run_path = run_path  # where a large cache is memory-mapped (RUN/cache/rank<r>/)
+
+    @property
+    def cache(self) -> FeatureCache | None:
+        """The feature cache, if an epoch has asked for it."""
+        return self._cache
+
+    def _features(self) -> FeatureCache:
+        if self._cache is None:
+            assert self._build_cache is not None, "an epoch reads features but no cache was provided"
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            rank = trainer.global_rank if trainer is not None else 0
+            self._cache = self._build_cache(device, rank, Path(self.run_path or "."))
+        return self._cache
+
+    def _place(self) -> tuple[int, int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1, 0
+        return trainer.global_rank, trainer.world_size, trainer.current_epoch
+
+    def _loader(self, ds: Dataset, sampler, generator=None, drop_last: bool = False, batch_size: int | None = None,
+                workers: int | None = None) -> DataLoader:
+        # Workers are not persistent: each epoch's workers take fresh seeds drawn from `generator`.
+        workers = self.num_workers if workers is None else workers
+        return DataLoader(ds, batch_size=batch_size or self.batch_size, sampler=sampler, generator=generator,
+                          num_workers=workers, pin_memory=torch.cuda.is_available() and workers > 0,
+                          drop_last=drop_last)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world, epoch = self._place()
+        g = torch.Generator()
+        if self.reads_features(epoch):
+            ds = FeatureDataset(self._features().train, [s.label for s in self.train_samples])
+            sampler = EpochSampler(ds.n, self.seed, g, epoch, rank=rank, world=world, views=ds.views)
+            workers = 0  # rows of a tensor: a worker process only adds its start-up
+        else:
+            ds = self.train_ds
+            sampler = EpochSampler(len(ds), self.seed, g, epoch, rank=rank, world=world)
+            workers = None
+        return self._loader(ds, sampler, g, drop_tiny_last(len(sampler), self.batch_size), workers=workers)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world, epoch = self._place()
+        if self.reads_features(epoch):
+            ds = FeatureDataset(self._features().val, [s.label for s in self.val_samples])
+            return self._loader(ds, ShardSampler(len(ds), rank, world), batch_size=max(self.batch_size, 256),
+                                workers=0)
+        return self._loader(self.val_ds, ShardSampler(len(self.val_ds), rank, world))

@@ -1,0 +1,95 @@
+"""`transferkit evaluate`: metrics of every (TTA, ensemble) combination on a split, in one pass."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.data import DataLoader
+
+from transferkit.errors import DataError
+from transferkit.pipelines.data.datasets import ImageDataset, Sample
+from transferkit.pipelines.data.folders import scan_folder
+from transferkit.pipelines.data.splits import read_split_csv
+from transferkit.pipelines.evaluate.loading import run_config
+from transferkit.pipelines.evaluate.metrics import classification_metrics
+from transferkit.pipelines.evaluate.plots import plot_confusion, plot_reliability
+from transferkit.pipelines.evaluate.predictor import Predictor
+from transferkit.pipelines.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+
+def eval_samples(run: RunDir, data: str | Path | None, split: str, classes: Sequence[str]) -> list[Sample]:
+    """The images to evaluate: the run's saved split, or a folder given now."""
+    if data is None:
+        path = run.splits / f"{split}.csv"
+        if not path.exists():
+            raise DataError(f"the run has no saved {split} split ({path}); pass DATA with a {split}/ folder")
+        return read_split_csv(path, classes)
+    scan = scan_folder(data)
+    if scan.presplit:
+        if split not in scan.splits:
+            raise DataError(f"{data} has no {split}/ folder; use --split val, or pass a folder of class folders")
+        samples = scan.splits[split]
+    else:
+        samples = scan.splits["train"]
+    if list(scan.classes) != list(classes):
+        raise DataError(f"{data} has classes {scan.classes} but the run was trained on {list(classes)};"
+                        " evaluate on a folder with the same class sub-folders")
+    return samples
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
+                 checkpoint: str = "best", tta: str | Sequence[str] = "plain",
+                 ensemble: str | Sequence[str] = "none", merge: str = "mean", batch_size: int | None = None,
+                 workers: int = 0, progress: bool = True, accelerator: str = "auto") -> dict:
+    """Metrics of every (TTA, ensemble) combination on a split; writes RUN/evaluation.json, and the
+    confusion matrix and reliability diagram of the best combination (accuracy, then NLL)."""
+    run = RunDir.open(run_dir)
+    classes = run.classes()
+    cfg = run_config(run)
+    predictor = Predictor.for_run(run, tta, ensemble, checkpoint=checkpoint, merge=merge, accelerator=accelerator)
+    samples = eval_samples(run, data, split, classes)
+    loader = DataLoader(ImageDataset(samples, predictor.transform),
+                        batch_size=predictor.images_per_batch(batch_size or cfg.batch_size), num_workers=workers)
+    probs, labels = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
+    results = []
+    for c, p in zip(predictor.combinations, probs):
+        metrics = classification_metrics(p, labels, classes)
+        results.append({"split": split, "data": str(data) if data else "run split", "checkpoint": checkpoint,
+                        "tta": c.tta, "ensemble": c.ensemble, "merge": merge, "views": len(c.views),
+                        "members": predictor.member_names(c), **metrics})
+    best = min(range(len(results)), key=lambda i: (-results[i]["accuracy"], results[i]["nll"], i))
+    body = {"run": str(run.path), "classes": classes, "split": split, "checkpoint": checkpoint, "merge": merge,
+            "best": {"tta": results[best]["tta"], "ensemble": results[best]["ensemble"]}, "results": results}
+    run.write_json(run.evaluation, body)
+    r = results[best]
+    label = f"{split}, {r['tta']} / ensemble {r['ensemble']}"
+    plot_confusion(r["confusion_matrix"], classes, run.plots / f"confusion-{split}.png",
+                   title=f"{label}: accuracy {r['accuracy']:.3f}")
+    plot_reliability(probs[best], labels, run.plots / f"reliability-{split}.png",
+                     title=f"{label}: ECE {r['ece']:.3f}")
+    log.info("evaluation written to %s", run.evaluation)
+    return body
+
+
+def results_table(body: dict) -> str:
+    """The results of ``evaluate_run`` as one text table, the best combination marked with ``*``."""
+    rows = body["results"]
+    top5 = any("top5_accuracy" in r for r in rows)
+    wt = max([3] + [len(r["tta"]) for r in rows])
+    we = max([8] + [len(r["ensemble"]) for r in rows])
+    head = (f"  {'tta':<{wt}} {'ensemble':<{we}} {'models':>6} {'views':>5} {'accuracy':>9}"
+            + (f" {'top5':>7}" if top5 else "") + f" {'macro_f1':>9} {'nll':>8} {'ece':>7} {'n':>6}")
+    lines = [head]
+    best = body.get("best", {})
+    for r in rows:
+        mark = "*" if (r["tta"], r["ensemble"]) == (best.get("tta"), best.get("ensemble")) else " "
+        lines.append(f"{mark} {r['tta']:<{wt}} {r['ensemble']:<{we}} {len(r['members']):>6} {r['views']:>5}"
+                     f" {r['accuracy']:>9.4f}" + (f" {r.get('top5_accuracy', float('nan')):>7.4f}" if top5 else "")
+                     + f" {r['macro_f1']:>9.4f} {r['nll']:>8.4f} {r['ece']:>7.4f} {r['count']:>6d}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,193 @@
+"""The LightningModule: backbone + head, loss, optimizer and the learning-rate schedule.
+
+It keeps the math. What shapes it comes in as data: the ``Plan`` (which groups train, at which
+rates), the ``Schedule`` (the rate of every step, phases included) and the ``Phases`` (which
+epochs read cached features of the frozen backbone instead of images). Cross-cutting behaviour
+(checkpoints, early stopping, metrics files, weight averaging) lives in callbacks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transferkit.augment.batch import soft_target_cross_entropy
+from transferkit.backbones.groups import LayerGroups
+from transferkit.backbones.strategies import Plan, apply_plan, param_groups, set_frozen_eval
+from transferkit.errors import TrainingDiverged
+from transferkit.pipelines.data.features import pre_logits
+from transferkit.pipelines.train.schedule import Schedule
+
+CHECKPOINT_META = "transferkit"  # the key of a checkpoint's self-description
+
+
+@dataclass(frozen=True)
+class Optim:
+    """The optimizer's settings (the rate itself comes from the Plan)."""
+
+    optimizer: str = "adamw"          # adamw | sgd (Nesterov momentum)
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Which epochs train the head alone, and whether they read cached features.
+
+    ``head_until``: epochs ``0 .. head_until-1`` run the backbone frozen (in eval mode, no
+    gradient) and train only the classifier: every epoch of ``freeze``, lp-ft's probe epochs.
+    ``features``: those epochs read cached pre-logits features instead of images.
+    """
+
+    head_until: int = 0
+    features: bool = False
+
+    def head_only(self, epoch: int) -> bool:
+        return epoch < self.head_until
+
+    def reads_features(self, epoch: int) -> bool:
+        return self.features and epoch < self.head_until
+
+
+def first_per_index(rows: torch.Tensor) -> torch.Tensor:
+    """Rows (index, ...) with each sample index once: a distributed sampler repeats samples to pad ranks."""
+    idx = rows[:, 0].long()
+    keep = torch.zeros_like(idx, dtype=torch.bool)
+    if len(idx):
+        order = torch.argsort(idx, stable=True)
+        first = torch.ones_like(idx, dtype=torch.bool)
+        first[1:] = idx[order][1:] != idx[order][:-1]
+        keep[order[first]] = True
+    return rows[keep]
+
+
+class ImageClassifier(pl.LightningModule):
+    """A timm model trained under a fine-tuning plan.
+
+    `mixer`, when given, takes (images, labels) and returns (mixed images, soft targets); the
+    loss is then a soft-target cross-entropy. `meta` is the self-description every checkpoint
+    carries (backbone, classes, data config), so a checkpoint file loads on its own.
+    """
+
+    def __init__(self, model: nn.Module, groups: LayerGroups, plan: Plan, schedule: Schedule, optim: Optim,
+                 num_classes: int, *, phases: Phases = Phases(), mixer: Callable | None = None,
+                 mix_until_epoch: int | None = None, meta: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.groups = groups
+        self.schedule = schedule
+        self.optim = optim
+        self.num_classes = num_classes
+        self.phases = phases
+        self.mixer = mixer
+        self.mix_until_epoch = mix_until_epoch  # mixing stops from this epoch (0-based) on
+        self.meta = dict(meta or {})
+        self._val: list[torch.Tensor] = []
+        self.set_plan(plan)
+
+    def set_plan(self, plan: Plan) -> None:
+        """Train what `plan` says (requires_grad); before the optimizer is built."""
+        self.plan = plan
+        apply_plan(self.model, self.groups, plan)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        epoch = self.current_epoch if self._trainer is not None else self.phases.head_until
+        if self.phases.reads_features(epoch):
+            return self.model.get_classifier()(x)
+        if self.phases.head_only(epoch) and self.plan.trainable:
+            # lp-ft's probe epochs without a feature cache: the backbone runs as a fixed feature
+            # extractor, in eval mode and without a graph, whatever its plan says for later.
+            body = [m for m in self.model.children() if m is not self.model.get_classifier()]
+            modes = [m.training for m in body]
+            for m in body:
+                m.eval()
+            with torch.no_grad():
+                features = pre_logits(self.model, x)
+            for m, mode in zip(body, modes):
+                m.train(mode)
+            return self.model.get_classifier()(features)
+        return self.model(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            set_frozen_eval(self.model)
+        return self
+
+    # -- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps whatever mode modules are in; make sure frozen parts run in eval mode.
+        self.train()
+        if self.mixer is not None and self.mix_until_epoch is not None:
+            self.mixer.enabled = self.current_epoch < self.mix_until_epoch
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        if self.mixer is not None and self.mixer.enabled and not self.phases.reads_features(self.current_epoch):
+            # Label smoothing is folded into the mixer's soft targets.
+            x, soft = self.mixer(x, y)
+            logits = self(x)
+            loss = soft_target_cross_entropy(logits, soft)
+        else:
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
+        if not torch.isfinite(loss):
+            half = not str(self.trainer.precision).startswith(("32", "64"))
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at epoch {self.current_epoch + 1}, step"
+                f" {batch_idx + 1}; lower --lr (now {self.plan.lr:g})"
+                + (" or train with --precision 32-true" if half else ""))
+        correct = (logits.argmax(-1) == y).float().sum()
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(y))
+        return {"loss": loss, "correct": correct.detach(), "count": len(y)}
+
+    # -- validation -------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch, batch_idx):
+        x, y, idx = batch
+        logits = self(x).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        correct = (logits.argmax(-1) == y).float()
+        self._val.append(torch.stack([idx.float(), loss, correct], dim=1))
+
+    def on_validation_epoch_end(self) -> None:
+        rows = torch.cat(self._val) if self._val else torch.zeros(0, 3, device=self.device)
+        self._val = []
+        if self.trainer.world_size > 1:
+            # Samplers pad ranks to equal length with repeated samples: gather every rank's rows
+            # and count each sample index once.
+            rows = self.all_gather(rows).reshape(-1, 3)
+        rows = first_per_index(rows)
+        n = max(1, len(rows))
+        self.log("val_loss", rows[:, 1].sum() / n, prog_bar=False, rank_zero_only=False)
+        self.log("val_acc", rows[:, 2].sum() / n, prog_bar=True, rank_zero_only=False)
+        self.log("val_count", float(len(rows)), rank_zero_only=False)
+
+    # -- optimizer --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from timm.optim import create_optimizer_v2
+
+        p, o = self.plan, self.optim
+        groups = param_groups(self.model, self.groups, p, p.lr, p.layer_decay, o.weight_decay)
+        # timm's factory over our groups: "nesterov" is SGD with Nesterov momentum.
+        opt = create_optimizer_v2(groups, opt="adamw" if o.optimizer == "adamw" else "nesterov", lr=p.lr,
+                                  weight_decay=o.weight_decay, momentum=o.momentum)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
+        head, body = self.schedule.factors(per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [head if g["is_head"] else body
+                                                        for g in opt.param_groups])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- self-describing checkpoints --------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_META] = self.meta

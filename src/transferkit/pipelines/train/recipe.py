@@ -1,0 +1,424 @@
+"""`transferkit fit`, read top to bottom: the recipe.
+
+    split     = load_split(cfg, saved)            the images: scanned and split, or a run's saved split
+    backbone  = load_backbone(cfg, ...)           the timm model, its layer groups and data config
+    pixels    = make_transforms(cfg, backbone)    train and eval transforms
+    plan      = choose_plan(cfg, ...)             the strategy: as asked, as saved, or measured
+    schedule  = make_schedule(cfg, plan)          the rate of every step, as data
+    module    = make_module(...)                  the LightningModule
+    data      = make_data(...)                    the DataModule (images, or cached features)
+    write_run(run, ...)                           config.yaml, classes, splits (rank 0)
+    trainer   = make_trainer(...)                 one Trainer for every strategy
+    train(trainer, ...)                           fit, with interrupts made resumable
+    report    = write_report(...)                 report.json and plots (rank 0)
+
+Each step returns one typed value; the config is frozen after it is checked. With several
+processes, rank 0 measures and writes; the others receive its decision through Lightning's
+broadcast (``RankZeroDecides``) before the model is wrapped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from transferkit import __version__
+from transferkit.augment.batch import BatchMixer
+from transferkit.augment.image import describe_train, eval_transform, parse_overrides, train_transform
+from transferkit.backbones import factory
+from transferkit.backbones.groups import LayerGroups, layer_groups
+from transferkit.backbones.strategies import DEFAULT_LAYER_DECAY, DEFAULT_LR, SCRATCH_LR, SGD_LR_FACTOR, Plan, make_plan
+from transferkit.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
+from transferkit.pipelines.data.datamodule import FeatureCache, FitDataModule
+from transferkit.pipelines.data.datasets import ImageDataset, Sample
+from transferkit.pipelines.data.features import extract, feature_batch, head_matches
+from transferkit.pipelines.data.folders import scan_folder, stratified_split
+from transferkit.pipelines.data.images import load_rgb
+from transferkit.pipelines.data.splits import read_skipped_csv, read_split_csv, write_skipped_csv, write_split_csv
+from transferkit.pipelines.devices import choose_device
+from transferkit.pipelines.evaluate.members import RunWeights
+from transferkit.pipelines.evaluate.metrics import classification_metrics, predict_proba
+from transferkit.pipelines.evaluate.plots import plot_confusion, plot_curves
+from transferkit.pipelines.rundir import RunDir, safe_load
+from transferkit.pipelines.settings import FitConfig, default_out
+from transferkit.pipelines.train.callbacks import RankZeroDecides
+from transferkit.pipelines.train.module import ImageClassifier, Optim, Phases
+from transferkit.pipelines.train.schedule import Schedule
+from transferkit.pipelines.train.trainer import check_devices, launched_as_rank_zero, make_trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    skipped: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    model: torch.nn.Module
+    groups: LayerGroups
+    data_cfg: factory.DataConfig
+
+
+@dataclass(frozen=True)
+class Pixels:
+    train: object
+    eval: object
+    augment: dict            # what the train stack does, as config.yaml records it
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What rank 0 decided and every process trains: the plan, and the run directory."""
+
+    plan: Plan
+    run_path: str
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
+    """Train and write the run directory ``cfg.out`` (default ``runs/<backbone>-<time>``); the
+    report on rank 0, None on other ranks."""
+    if not cfg.out:
+        cfg = cfg.replace(out=default_out(cfg.backbone))
+    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress)
+
+
+def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
+    """Continue an interrupted run from its last complete epoch, with its own config and splits."""
+    run = RunDir.open(run_dir)
+    if not run.checkpoint("last").exists():
+        raise CheckpointError(f"{run.checkpoint('last')} does not exist: no epoch of this run finished;"
+                              f" start it again with `transferkit fit --config {run.config} --overwrite`")
+    for stale in run.checkpoints.glob(".*.tmp"):
+        stale.unlink()  # a write cut short by a kill; the complete file it was replacing is intact
+    cfg = FitConfig.build({**run.read_config()["fit"], "out": str(run.path)}, source=str(run.config))
+    return _recipe(cfg, run, saved=run, progress=progress)
+
+
+def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool) -> dict | None:
+    t0 = time.monotonic()
+    rank0 = launched_as_rank_zero()
+    check_devices(cfg)
+    overrides = parse_overrides(list(cfg.aug))
+    if cfg.augment != "none":
+        describe_train(cfg.augment, **overrides)  # unknown ops and settings fail before any work
+    if saved is None and rank0:
+        run.check_creatable(overwrite=cfg.overwrite)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    split = load_split(cfg, saved, quiet=not rank0)
+    backbone = load_backbone(cfg, split, saved)
+    pixels = make_transforms(cfg, backbone.data_cfg, overrides)
+    plan, clean = choose_plan(cfg, backbone, split, pixels, saved=saved, measure=rank0, progress=progress)
+    schedule = make_schedule(cfg, plan)
+    module = make_module(cfg, backbone, plan, schedule, split.classes)
+    feature_ok = features_exact(cfg, module, split, pixels)
+    module.phases = phases_for(cfg, plan, schedule, feature_ok)
+    data = make_data(cfg, run, split, pixels, module, clean, progress)
+    if saved is None and rank0:
+        run = RunDir.create(run.path, overwrite=cfg.overwrite)
+        write_run(run, cfg, split, backbone, plan, pixels, module)
+
+    def decided(d: Decision) -> None:  # the same on every rank once rank 0's decision arrives
+        module.set_plan(d.plan)
+        module.phases = phases_for(cfg, d.plan, schedule, feature_ok)
+        data.run_path = Path(d.run_path)
+
+    trainer = make_trainer(cfg, run, schedule, first=[RankZeroDecides(Decision(plan, str(run.path)), decided)],
+                           bn_loader=lambda: torch.utils.data.DataLoader(  # SWA's BatchNorm statistics only
+                               ImageDataset(split.train, pixels.eval, replace_failed=True),
+                               batch_size=cfg.batch_size, num_workers=data.num_workers),
+                           progress=progress)
+    train(trainer, module, data, run, ckpt_path=saved.checkpoint("last") if saved else None)
+    if not trainer.is_global_zero:
+        return None
+    return write_report(run, cfg, trainer, module, data, split, backbone, time.monotonic() - t0, progress)
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def load_split(cfg: FitConfig, saved: RunDir | None, quiet: bool = False) -> Split:
+    """The images: a run's saved split, or the data folder scanned and split with the seed
+    (`quiet`: a process other than rank 0, which scans the same folder but leaves reporting to it)."""
+    if saved is not None:
+        classes = saved.classes()
+        test_csv = saved.splits / "test.csv"
+        return Split(classes, read_split_csv(saved.splits / "train.csv", classes),
+                     read_split_csv(saved.splits / "val.csv", classes),
+                     read_split_csv(test_csv, classes) if test_csv.exists() else [], read_skipped_csv(saved.skipped))
+    scan = scan_folder(cfg.data, strict=cfg.strict, quiet=quiet, progress=not quiet)
+    if scan.presplit:
+        train, val = scan.splits["train"], scan.splits["val"]
+    else:
+        train, val = stratified_split(scan.splits["train"], cfg.val_fraction, cfg.seed)
+    return Split(scan.classes, train, val, scan.splits.get("test", []), scan.skipped)
+
+
+def load_backbone(cfg: FitConfig, split: Split, saved: RunDir | None) -> Backbone:
+    """The backbone with a new head; on resume the architecture alone (the checkpoint has the weights)."""
+    if saved is not None:
+        model, data_cfg = factory.create(cfg.backbone, len(split.classes), pretrained=False,
+                                         plugin=cfg.backbone_plugin, image_size=cfg.image_size, quiet=True)
+    else:
+        model, data_cfg = factory.create(cfg.backbone, len(split.classes), pretrained=cfg.pretrained,
+                                         weights=cfg.weights, plugin=cfg.backbone_plugin, image_size=cfg.image_size)
+    return Backbone(model, layer_groups(model), data_cfg)
+
+
+def make_transforms(cfg: FitConfig, dc: factory.DataConfig, overrides: dict) -> Pixels:
+    size = dc.input_size[1:]
+    eval_tf = eval_transform(size, dc.mean, dc.std, dc.crop_pct, dc.interpolation)
+    if cfg.augment == "none":
+        return Pixels(eval_tf, eval_tf, {"preset": "none"})
+    train_tf = train_transform(cfg.augment, size=size, mean=dc.mean, std=dc.std, interpolation=dc.interpolation,
+                               **overrides)
+    return Pixels(train_tf, eval_tf, describe_train(cfg.augment, **overrides))
+
+
+def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels, *, saved: RunDir | None,
+                measure: bool, progress: bool) -> tuple[Plan, torch.Tensor | None]:
+    """The strategy: as saved in the run, as asked, or measured by the advisor (``auto``).
+
+    Also returns the advisor's pooled features of the training split (the clean view of the
+    feature cache). `measure` False (ranks other than 0): a provisional plan; rank 0's arrives
+    through ``RankZeroDecides`` before training.
+    """
+    groups = backbone.groups
+    if saved is not None:
+        return Plan.from_dict(saved.read_config().get("resolved", {})["finetune"], groups), None
+    decay = cfg.layer_decay if cfg.layer_decay is not None else (1.0 if cfg.from_scratch else DEFAULT_LAYER_DECAY)
+
+    def rate(strategy: str, suggested: float | None = None) -> float:
+        lr = cfg.lr or suggested or (SCRATCH_LR if cfg.from_scratch else DEFAULT_LR[strategy])
+        return lr * (SGD_LR_FACTOR if cfg.optimizer == "sgd" and not cfg.lr else 1.0)
+
+    if cfg.finetune != "auto":
+        return make_plan(cfg.finetune, groups, cfg.trainable_groups, f"--finetune {cfg.finetune}",
+                         lr=rate(cfg.finetune), layer_decay=decay), None
+    if cfg.from_scratch:
+        return make_plan("full", groups, reason="random weights (--no-pretrained): nothing pretrained to keep -> full",
+                         lr=rate("full"), layer_decay=decay), None
+    if not measure:
+        return make_plan("full", groups, reason="provisional: rank 0 measures", lr=rate("full"),
+                         layer_decay=decay), None
+    from transferkit.pipelines.advise import advice_for
+
+    advice, feats = advice_for(backbone.model, groups, split.train, pixels.eval, batch_size=feature_batch(cfg.batch_size),
+                               workers=default_workers() if cfg.workers is None else cfg.workers, seed=cfg.seed,
+                               device=choose_device(cfg.accelerator), progress=progress)
+    log.info(advice.summary())
+    plan = make_plan(advice.strategy, groups, advice.trainable_groups or cfg.trainable_groups, "; ".join(advice.reasons),
+                     lr=rate(advice.strategy, advice.lr), layer_decay=decay, advice=advice.to_dict())
+    return plan, feats
+
+
+def make_schedule(cfg: FitConfig, plan: Plan) -> Schedule:
+    """lp-ft first trains the head alone for ``epochs`` epochs at the frozen head's rate, then
+    everything for ``epochs`` more."""
+    probe = cfg.epochs if cfg.finetune == "lp-ft" or plan.strategy == "lp-ft" else 0
+    return Schedule(epochs=cfg.epochs + probe, kind=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+                    cycles=cfg.snapshots, swa=cfg.swa and not cfg.snapshots, probe_epochs=probe,
+                    probe_lr_scale=DEFAULT_LR["freeze"] / plan.lr if probe else 1.0)
+
+
+def phases_for(cfg: FitConfig, plan: Plan, schedule: Schedule, feature_ok: bool) -> Phases:
+    """Which epochs train the head alone (freeze: all; lp-ft: the probe), and whether they read
+    cached features (`feature_ok`: the cache is on, nothing mixes images, and the architecture's
+    classifier reads the pooled features alone)."""
+    if plan.strategy == "freeze":
+        return Phases(head_until=schedule.epochs, features=feature_ok)
+    if plan.strategy == "lp-ft":
+        return Phases(head_until=schedule.probe_epochs, features=feature_ok)
+    return Phases()
+
+
+def make_module(cfg: FitConfig, backbone: Backbone, plan: Plan, schedule: Schedule,
+                classes: list[str]) -> ImageClassifier:
+    mixer = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixer = BatchMixer(len(classes), mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                           label_smoothing=cfg.label_smoothing)
+    meta = checkpoint_meta(cfg, backbone, classes)
+    return ImageClassifier(backbone.model, backbone.groups, plan, schedule,
+                           Optim(cfg.optimizer, cfg.weight_decay, label_smoothing=cfg.label_smoothing), len(classes),
+                           mixer=mixer, mix_until_epoch=cfg.mixup_off_epoch or None, meta=meta)
+
+
+def checkpoint_meta(cfg: FitConfig, backbone: Backbone, classes: list[str]) -> dict:
+    """What a checkpoint needs to rebuild its model alone (see ``evaluate/loading.py``)."""
+    arch = (getattr(backbone.model, "pretrained_cfg", None) or {}).get("architecture")
+    return {"format": 1, "transferkit_version": __version__, "backbone": cfg.backbone, "architecture": arch,
+            "backbone_plugin": cfg.backbone_plugin, "image_size": cfg.image_size, "classes": list(classes),
+            "num_classes": len(classes), "data_config": backbone.data_cfg.to_dict()}
+
+
+def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module: ImageClassifier,
+              clean: torch.Tensor | None, progress: bool) -> FitDataModule:
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    batch = feature_batch(cfg.batch_size)
+
+    def build_cache(device: torch.device, rank: int, run_path: Path) -> FeatureCache:
+        """Features of train (the clean view + cache_views-1 augmented draws) and val, computed once.
+        One (views, n, d) store, memory-mapped when large, in this rank's folder of the run."""
+        t = time.monotonic()
+        folder = run_path / "cache" / f"rank{rank}"
+        kw = dict(seed=cfg.seed, batch_size=batch, workers=workers, progress=progress, device=device)
+        train = extract(module.model, split.train, pixels.eval, views=cfg.cache_views, augment=pixels.train,
+                        first_view=clean if clean is not None and rank == 0 else None,
+                        cache_file=folder / "train.npy", desc="frozen features: train", **kw)
+        val = extract(module.model, split.val, pixels.eval, cache_file=folder / "val.npy",
+                      desc="frozen features: val", **kw)
+        log.info("cached frozen features of %d train images x %d view(s) and %d val images in %.1f s",
+                 len(split.train), train.shape[0], len(split.val), time.monotonic() - t)
+        return FeatureCache(train, val)
+
+    data = FitDataModule(split.train, split.val, pixels.train, pixels.eval, batch_size=cfg.batch_size,
+                         num_workers=workers, seed=cfg.seed, run_path=run.path,
+                         reads_features=lambda epoch: module.phases.reads_features(epoch), build_cache=build_cache)
+    return data
+
+
+def features_exact(cfg: FitConfig, module: ImageClassifier, split: Split, pixels: Pixels) -> bool:
+    """Whether head-only epochs may read cached features instead of images."""
+    if cfg.cache_views < 1:
+        return False
+    if module.mixer is not None:
+        log.info("Mixup/CutMix mix images, so frozen features are not cached")
+        return False
+    probe_x = torch.stack([pixels.eval(load_rgb(s.path)) for s in split.val[:2]])
+    if not head_matches(module.model, probe_x):
+        log.info("%s's classifier does not read pooled features alone; frozen features are not cached",
+                 cfg.backbone)
+        return False
+    return True
+
+
+def write_run(run: RunDir, cfg: FitConfig, split: Split, backbone: Backbone, plan: Plan, pixels: Pixels,
+              module: ImageClassifier) -> None:
+    """config.yaml (every resolved setting and the decision), classes, splits and skipped files."""
+    cfg.replace(out=str(run.path)).save(run.config, extra={"resolved": {
+        "data_config": backbone.data_cfg.to_dict(), "finetune": finetune_record(plan, module),
+        "augment": pixels.augment}})
+    run.write_json(run.classes_json, split.classes)
+    write_split_csv(run.splits / "train.csv", split.train, split.classes)
+    write_split_csv(run.splits / "val.csv", split.val, split.classes)
+    if split.test:
+        write_split_csv(run.splits / "test.csv", split.test, split.classes)
+    write_skipped_csv(run.skipped, split.skipped)
+
+
+def finetune_record(plan: Plan, module: ImageClassifier) -> dict:
+    params = list(module.model.parameters())
+    out = {**plan.to_dict(), "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+           "total_parameters": sum(p.numel() for p in params)}
+    if plan.advice is not None:
+        out["suggested_lr"] = plan.advice.get("lr")
+    return out
+
+
+def train(trainer: pl.Trainer, module: ImageClassifier, data: FitDataModule, run: RunDir,
+          ckpt_path: Path | None) -> None:
+    """``trainer.fit``; an interrupt or a diverged loss becomes a one-line error naming what was kept."""
+    log.info("fine-tuning: %s (%s); trainable groups: %s", module.plan.strategy, module.plan.reason,
+             ", ".join(module.plan.to_dict()["trainable_groups"]))
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except SystemExit as exc:  # Lightning turns SIGINT into sys.exit(1) and SIGTERM into SIGTERMException
+        if trainer.interrupted or isinstance(exc, SIGTERMException):
+            raise _interrupted(run, "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C") from None
+        raise
+    except TrainingDiverged as exc:
+        raise _diverged(run, exc) from None
+    if trainer.interrupted:
+        raise _interrupted(run, "an interrupt")
+
+
+def _diverged(run: RunDir, exc: TrainingDiverged) -> TrainingDiverged:
+    """The divergence message, with what the run directory really kept."""
+    msg = str(exc)
+    last = run.checkpoint("last")
+    if not last.exists():
+        return TrainingDiverged(f"{msg}; no epoch had finished, so no checkpoint was written")
+    ckpt = safe_load(last)
+    finite = all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    return TrainingDiverged(f"{msg}; {last} keeps the weights after epoch {ckpt.get('epoch', 0) + 1}"
+                            + ("" if finite else ", but they are not finite either"))
+
+
+def _interrupted(run: RunDir, what: str) -> RunInterrupted:
+    last = run.checkpoint("last")
+    if not last.exists():
+        return RunInterrupted(f"stopped by {what} before the first epoch finished; nothing to resume,"
+                              f" start again with `transferkit fit --config {run.config} --overwrite`")
+    epoch = safe_load(last).get("epoch", 0) + 1
+    return RunInterrupted(f"stopped by {what}; {last} holds the {epoch} complete epoch(s); continue with"
+                          f" `transferkit fit --resume {run.path}`")
+
+
+def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: ImageClassifier, data: FitDataModule,
+                 split: Split, backbone: Backbone, seconds: float, progress: bool) -> dict:
+    """Evaluate the best checkpoint on val in one process; write report.json and the plots.
+
+    A freeze run's cached val features stand in for the images: the same numbers (checked by
+    ``head_matches``) without another pass of the backbone.
+    """
+    best = run.checkpoint("best")
+    if not best.exists():
+        raise ConfigError(f"no checkpoint was written to {run.checkpoints}; train for at least one epoch")
+    module.load_state_dict(safe_load(best)["state_dict"])
+    model = backbone.model
+    if module.plan.strategy == "freeze" and data.cache is not None:
+        with torch.inference_mode():
+            clf = model.eval().get_classifier().cpu()
+            probs = torch.softmax(clf(data.cache.val[0]), -1).numpy()
+        labels = np.array([s.label for s in split.val])
+    else:
+        loader = torch.utils.data.DataLoader(ImageDataset(split.val, data.val_ds.transform),
+                                             batch_size=cfg.batch_size, num_workers=data.num_workers)
+        probs, labels = predict_proba(model, loader, choose_device(cfg.accelerator), desc="evaluating best checkpoint",
+                                      progress=progress)
+    metrics = classification_metrics(probs, labels, split.classes)
+    es = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    mc = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
+    report = {
+        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+        "split": "val", "checkpoint": "best",
+        "best_val_acc_during_training": float(mc.best_model_score) if mc.best_model_score is not None else None,
+        "epochs_trained": trainer.current_epoch,
+        "stopped_early": bool(es and es.stopped_epoch > 0),
+        "train_seconds": round(seconds, 1),
+        "backbone": cfg.backbone, "classes": split.classes,
+        "images": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
+                   "skipped": len(split.skipped)},
+        "finetune": finetune_record(module.plan, module), "data_config": backbone.data_cfg.to_dict(),
+        "metrics": metrics,
+    }
+    report["ensembles"] = RunWeights(run).available()  # the `evaluate --ensemble` values this run offers
+    run.write_json(run.report, report)
+    plot_curves(run.metrics, run.plots / "curves.png")
+    plot_confusion(metrics["confusion_matrix"], split.classes, run.plots / "confusion.png",
+                   title=f"val, best checkpoint: accuracy {metrics['accuracy']:.3f}")
+    log.info("report written to %s", run.report)
+    return report

@@ -1,0 +1,77 @@
+"""The one function that builds the Trainer of a fit, and the checks of its device settings."""
+from __future__ import annotations
+
+import os
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from transferkit.errors import ConfigError
+from transferkit.pipelines.rundir import RunDir
+from transferkit.pipelines.settings import FitConfig
+from transferkit.pipelines.train.averaging import averaging_callbacks, early_stopping
+from transferkit.pipelines.train.callbacks import AtomicCheckpointIO, EpochSeed, MetricsCSV
+from transferkit.pipelines.train.schedule import Schedule
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process will be global rank 0, before the Trainer knows it: Lightning's rank
+    utility reads the launchers' variables (RANK under torchrun, SLURM_PROCID, LOCAL_RANK of the
+    processes its own launcher starts); NODE_RANK names the machine under Lightning's launcher."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0 and os.environ.get("NODE_RANK", "0") in ("", "0")
+
+
+def check_devices(cfg: FitConfig) -> None:
+    """Let Lightning judge --accelerator/--devices/--precision before anything is written."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices_arg, num_nodes=cfg.num_nodes,
+                   precision=cfg.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False)
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --precision {cfg.precision}"
+                          f" cannot run here: {first}") from None
+
+
+def make_trainer(cfg: FitConfig, run: RunDir, schedule: Schedule, *, first: list[pl.Callback],
+                 bn_loader, progress: bool = True) -> pl.Trainer:
+    """The Trainer: checkpoints (best by val accuracy, last at every epoch end), metrics.csv,
+    per-epoch seeds, the averaging the config asks for and early stopping, under the devices and
+    precision asked for. `first`: callbacks that must set up before all others."""
+    callbacks: list[pl.Callback] = [
+        *first,
+        ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor="val_acc", mode="max",
+                        save_top_k=1, enable_version_counter=False),
+        # Lightning's save_last only follows an improved best; resume needs every epoch's end.
+        ModelCheckpoint(dirpath=run.checkpoints, filename="last", monitor=None, save_top_k=1,
+                        enable_version_counter=False),
+        MetricsCSV(run.metrics),
+        EpochSeed(cfg.seed),
+        *averaging_callbacks(cfg, schedule, run.checkpoints, bn_loader=bn_loader, progress=progress),
+    ]
+    if cfg.patience > 0:
+        callbacks.append(early_stopping(cfg.patience, schedule))
+    if progress:
+        callbacks.append(TQDMProgressBar(leave=False))
+    devices = cfg.devices_arg
+    strategy: object = "auto"
+    plugins = [AtomicCheckpointIO()]
+    if isinstance(devices, int) and devices > 1 or cfg.num_nodes > 1:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        # lp-ft's probe epochs leave the backbone out of the graph; DDP must expect that.
+        strategy = DDPStrategy(find_unused_parameters=schedule.probe_epochs > 0, checkpoint_io=plugins.pop())
+    return pl.Trainer(
+        max_epochs=schedule.epochs, accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes,
+        strategy=strategy, precision=cfg.precision, callbacks=callbacks, plugins=plugins, logger=False,
+        default_root_dir=run.path, gradient_clip_val=cfg.grad_clip or None,
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        deterministic="warn" if torch.cuda.is_available() else True,
+        # Our samplers shard by rank (data/datamodule.py); lp-ft switches from features to images.
+        use_distributed_sampler=False, reload_dataloaders_every_n_epochs=1 if schedule.probe_epochs else 0,
+    )

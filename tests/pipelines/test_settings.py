@@ -1,0 +1,88 @@
+"""The settings boundary: one table of constraints, one message shape, no coercion."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from transferkit.errors import ConfigError
+from transferkit.pipelines.settings import CONSTRAINTS, FitConfig
+
+
+def test_yaml_strings_are_not_coerced_and_the_message_names_key_value_type_and_expectation(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text, message in [
+        ('fit: {epochs: "ten"}', f'config {path} fit.epochs: "ten" is a string; expected an integer >= 1'),
+        ('fit: {image_size: "32"}', f'config {path} fit.image_size: "32" is a string; expected an integer in'
+                                    " [16, 2048] (or null for the default)"),
+        ("fit: {batch_size: 4.5}", f"config {path} fit.batch_size: 4.5 is a number; expected an integer >= 1"),
+        ('fit: {pretrained: "false"}', f'config {path} fit.pretrained: "false" is a string; expected true or false'),
+        ('fit: {aug: "erasing.p=0.5"}', f'config {path} fit.aug: "erasing.p=0.5" is a string; expected a list of'
+                                        " strings"),
+        ("fit: 5", f"config file {path}: `fit:` holds a int, not a mapping of settings"),
+        ("[1, 2]", f"config file {path} is not a mapping of settings (it holds a list)"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            FitConfig.load(path)
+        assert str(err.value).startswith(message), str(err.value)
+
+
+def test_flags_and_the_api_name_the_setting_their_own_way():
+    with pytest.raises(ConfigError, match=r"^--epochs: 0 is out of range; expected an integer >= 1$"):
+        FitConfig.build({"epochs": 0}, source="cli")
+    with pytest.raises(ConfigError, match=r"^epochs=: True is a boolean; expected an integer >= 1$"):
+        FitConfig.build({"epochs": True}, source="api")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): --epoch;"):
+        FitConfig.build({"epoch": 3}, source="cli")
+    with pytest.raises(ConfigError, match="--finetune: \"most\" is not a choice; expected one of auto, freeze"):
+        FitConfig.build({"finetune": "most"}, source="cli")
+
+
+def test_settings_that_contradict_each_other_are_one_line_errors():
+    cases = [({"epochs": 3, "snapshots": 5}, r"--snapshots 5 needs .* --epochs 5 or more"),
+             ({"ema": True, "ema_decay": 1.5}, r"--ema-decay: 1.5 is out of range; expected a number in \(0, 1\)"),
+             ({"epochs": 6, "snapshots": 3, "schedule": "step"}, "drop --schedule step"),
+             ({"pretrained": False, "weights": "w.pth"}, "contradict each other"),
+             ({"augment": "none", "aug": ["noise=off"]}, "overrides need an --augment preset"),
+             ({"mixup": 0.2, "epochs": 4, "mixup_off_epoch": 4}, "--mixup-off-epoch 4 must be 0"),
+             ({"finetune": "lp-ft", "snapshots": 2, "epochs": 4}, "cannot be combined")]
+    for values, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            FitConfig.build(values, source="cli")
+    FitConfig.build({"epochs": 6, "snapshots": 3, "ema": True, "swa": True}, source="cli")
+
+
+def test_old_mixing_names_still_work_and_mean_what_they_meant(caplog):
+    cfg = FitConfig.build({"epochs": 10, "mix_prob": 0.5, "mix_mode": "elem", "mix_off_epoch": 2, "mixup": 0.2})
+    assert (cfg.mixup_prob, cfg.mixup_mode) == (0.5, "elem")
+    assert cfg.mixup_off_epoch == 8  # "off for the last 2 of 10 epochs" is "off from epoch 8"
+    assert "mix_prob= is deprecated" in caplog.text
+    with pytest.raises(ConfigError, match="are the same setting"):
+        FitConfig.build({"mix_prob": 0.5, "mixup_prob": 0.4})
+
+
+def test_a_valid_config_round_trips_through_yaml(tmp_path):
+    cfg = FitConfig.build({"data": "/d", "epochs": 3, "aug": ["noise=off"], "lr": 1e-3}, source="api")
+    cfg.save(tmp_path / "config.yaml")
+    assert FitConfig.load(tmp_path / "config.yaml") == cfg
+    with pytest.raises(Exception):
+        cfg.epochs = 4  # frozen: nothing mutates a checked config
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                 st.text(max_size=8), st.lists(st.text(max_size=4), max_size=3),
+                 st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(sorted(CONSTRAINTS) + ["mix_prob", "mix_off_epoch"]), _ANY, max_size=6))
+def test_any_mapping_of_known_keys_validates_or_fails_with_config_error(values):
+    try:
+        cfg = FitConfig.build(values, source="api")
+    except ConfigError:
+        return
+    for f in fields(FitConfig):
+        CONSTRAINTS[f.name].check(getattr(cfg, f.name), f.name)  # what passed is what the table allows
