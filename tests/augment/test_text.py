@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from transferkit.augment import text as tx
+from transferkit.augment.text import synonyms as _synonyms  # noqa: F401 - tx.synonyms
 from transferkit.augment.text import (
     BackTranslate,
     RandomCrop,
@@ -218,7 +219,7 @@ def test_wordnet_lookup_dedupes_and_spells_multiword_lemmas_with_spaces():
 
 
 def test_synonym_ops_use_wordnet_without_a_file(monkeypatch):
-    monkeypatch.setattr(tx, "_load_wordnet", lambda lang: _FakeWordNet())
+    monkeypatch.setattr(tx.synonyms, "_load_wordnet", lambda lang: _FakeWordNet())
     text = "the car is fast"
     outs = {SynonymSubstitute(aug_p=0.25)(text, seed) for seed in range(12)}
     assert outs == {"the auto is fast", "the motor car is fast", "the railcar is fast", "the car is quick"}

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.backbones.advisor import (
-    FREEZE_HEAD_LR, FULL_HEAD_LR, PARTIAL_HEAD_LR, Advice, Measurements, bn_shift, decide,
-    extract_features, logme, measure, probe_accuracy, stage_probe)
+    FREEZE_HEAD_LR, FULL_HEAD_LR, PARTIAL_HEAD_LR, Measurements, bn_shift, decide,
+    extract_features, logme, measure, measure_with_features, probe_accuracy, stage_probe)
 from transferkit.errors import BackboneError, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -198,8 +198,8 @@ def test_advice_serialises_and_summarises():
     assert data["measurements"]["class_counts"] == {"0": 31, "1": 31}
     lines = advice.summary().splitlines()
     assert lines[0] == "advice: freeze (backbone frozen), head lr 0.01"
-    assert len(lines) == 1 + len(advice.reasons)
-    assert isinstance(advice, Advice)
+    assert lines[1:] == [f"  - {r}" for r in advice.reasons]
+    assert advice.reasons[-1].startswith("small and similar -> freeze")
 
 
 def test_decide_rejects_a_model_without_groups():
@@ -274,13 +274,13 @@ def test_bn_shift_is_none_without_batchnorm():
 
 
 def test_measure_records_everything_in_one_pass(resnet):
-    m = measure(resnet, colour_batches(), progress=False)
+    m, feats, labels = measure_with_features(resnet, colour_batches(), progress=False)
     assert m.class_counts == {0: 12, 1: 12, 2: 12} and m.num_images == 36
     assert m.smallest_class == 12 and m.median_per_class == 12
     assert m.feature_dim == resnet.num_features
     assert m.probe["folds"] == 5 and m.probe["chance"] == pytest.approx(1 / 3)
     assert m.bn_shift is not None and 0.0 <= m.bn_shift <= 1.0
-    assert isinstance(m.logme, float)
+    assert m.logme == pytest.approx(logme(feats, labels), rel=1e-6)  # the score of the pass's own features
     assert set(m.stage_accuracy) == {d["module"] for d in resnet.feature_info} | {"final"}
     assert m.stage_accuracy["final"] == m.probe["logreg"]
     json.dumps(m.to_dict())

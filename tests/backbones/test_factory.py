@@ -126,3 +126,16 @@ def test_shared_mobilenet_plugin_loads_its_real_weights(shared):
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in ref.items() if not k.startswith("classifier."))
     assert dc.input_size == (3, 224, 224) and dc.crop_pct == 0.875
+
+
+def test_timm_local_dir_prefix_loads_the_folder_s_weights(tmp_path):
+    from timm.models._hub import save_for_hf
+
+    source = timm.create_model("test_resnet", num_classes=5)
+    save_for_hf(source, tmp_path / "folder")
+    model, _ = factory.create(f"local-dir:{tmp_path / 'folder'}", 3, pretrained=True)
+    want = source.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
+    assert model.get_classifier().out_features == 3
+    with pytest.raises(BackboneError, match="is not a folder"):
+        factory.create(f"local-dir:{tmp_path / 'nothing'}", 3)

@@ -118,3 +118,16 @@ def test_groups_run_bottom_to_top_and_exclude_the_head():
     all_params = {n for n, _ in model.named_parameters()}
     grouped = {n for g in groups.params for n in g} | set(groups.head)
     assert grouped == all_params
+
+
+def test_no_weight_decay_names_of_a_vit_get_none():
+    model = timm.create_model("test_vit", num_classes=3)
+    groups = layer_groups(model)
+    plan = make_plan("full", groups)
+    apply_plan(model, groups, plan)
+    named = {id(p): n for n, p in model.named_parameters()}
+    decayed = {named[id(p)] for g in param_groups(model, groups, plan, 1e-3, 0.5, 0.05) if g["weight_decay"] > 0
+               for p in g["params"]}
+    assert {"pos_embed", "cls_token"} <= set(model.no_weight_decay())
+    assert "pos_embed" not in decayed and "cls_token" not in decayed
+    assert "patch_embed.proj.weight" in decayed

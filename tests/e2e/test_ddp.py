@@ -23,11 +23,6 @@ ARGS = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "-
         "--devices", "2", "--accelerator", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _own_run_dir_env(monkeypatch):
-    monkeypatch.delenv("TRANSFERKIT_RUN_DIR", raising=False)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from conftest import make_color_folder
@@ -43,18 +38,33 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("finetune", ["full", "freeze", "partial"])
-def test_two_processes_write_one_run_and_count_each_val_image_once(data, tmp_path, finetune):
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("finetune", ["full", "freeze", "partial", "lp-ft", "auto"])
+def test_two_processes_write_one_run_and_count_each_val_image_once(data, weights, tmp_path, finetune):
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_RUN_DIR"}
+    env = dict(os.environ)
+    args = list(ARGS)
+    if finetune == "auto":  # rank 0 measures; the other process trains what it decided (a broadcast)
+        args[args.index("--no-pretrained")] = "--weights=" + str(weights)
     proc = subprocess.run([sys.executable, "-m", "transferkit.cli.main", "fit", str(data), "--out", "run",
-                           "--finetune", finetune, *ARGS], cwd=work, env=env, capture_output=True,
+                           "--finetune", finetune, *args], cwd=work, env=env, capture_output=True,
                           text=True, timeout=480, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout.count("val accuracy") == 1  # only rank 0 reports
-    # the second process trains on the splits rank 0 saved: it does not scan (and warn) again
+    # the second process scans the same folder quietly: rank 0 reports
     assert proc.stderr.count("left out 1 unusable file(s)") == 1, proc.stderr
     run = work / "run"
     assert sorted(p.name for p in work.iterdir()) == ["run"]  # no second run directory, no logs
@@ -63,13 +73,18 @@ def test_two_processes_write_one_run_and_count_each_val_image_once(data, tmp_pat
     val = _rows(run / "splits" / "val.csv")
     assert len(val) == 5
     rows = _rows(run / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2"]  # one row per epoch, not one per process
+    epochs = 4 if finetune == "lp-ft" else 2  # lp-ft: 2 probe epochs, then 2 of fine-tuning
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, epochs + 1)]  # one row per epoch
     for r in rows:
         assert r["val_count"] == "5", rows
         assert float(r["val_acc"]) * 5 == pytest.approx(round(float(r["val_acc"]) * 5), abs=1e-4)
 
     report = json.loads((run / "report.json").read_text())
-    assert report["finetune"]["strategy"] == finetune
+    if finetune == "auto":
+        assert report["finetune"]["advice"]["strategy"] == report["finetune"]["strategy"]
+        assert proc.stderr.count("transferkit: advice: ") == 1  # measured once, by rank 0
+    else:
+        assert report["finetune"]["strategy"] == finetune
     assert report["images"]["val"] == 5 and report["metrics"]["count"] == 5
     best_during_training = max(float(r["val_acc"]) for r in rows)
     assert report["best_val_acc_during_training"] == pytest.approx(best_during_training, abs=1e-5)

@@ -129,7 +129,10 @@ def test_ema_weights_are_in_every_checkpoint_and_are_what_ensemble_ema_uses(aver
     assert rows[2]["accuracy"] == manual["accuracy"]
     assert (out / "plots" / "reliability-val.png").stat().st_size > 0
     assert (out / "plots" / "confusion-val.png").stat().st_size > 0
-    assert body["best"] in [{"tta": r["tta"], "ensemble": r["ensemble"]} for r in rows]
+    # the best row is the most accurate, ties broken by the lower NLL
+    top = max(rows, key=lambda r: (r["accuracy"], -r["nll"]))
+    assert body["best"] == {"tta": top["tta"], "ensemble": top["ensemble"]}
+    assert all(r["accuracy"] < top["accuracy"] or r["nll"] >= top["nll"] for r in rows)
 
 
 def test_ten_crop_over_snapshots_is_the_merge_of_all_thirty_predictions(averaged):

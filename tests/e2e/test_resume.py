@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from transferkit.cli.main import main
@@ -77,37 +78,92 @@ def test_sigint_then_resume_ends_where_an_uninterrupted_run_ends(data, uninterru
     assert [int(r["epoch"]) for r in _rows(out)] == list(range(1, 9))
 
 
-def test_cached_freeze_with_ema_and_snapshots_resumes_to_the_same_end(data, tmp_path):
+class _InterruptAt(pl.Callback):
+    """Ctrl-C at the start of a given epoch (0-based): an interrupt that always lands in time."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _fit_interrupted_at(epoch: int, args: list[str]) -> int:
+    import transferkit.pipelines.train.recipe as recipe
+
+    original = recipe.make_trainer
+
+    def make_trainer(*a, **kw):
+        trainer = original(*a, **kw)
+        trainer.callbacks.append(_InterruptAt(epoch))
+        return trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe, "make_trainer", make_trainer)
+        return main(args)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    weights = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
-    args = [*ARGS, "--epochs", "6", "--weights", str(weights), "--finetune", "freeze", "--ema",
-            "--snapshots", "2"]
-    args.remove("--no-pretrained")
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(["fit", str(data), "--out", str(whole), *args]) == 0
-    proc = _spawn("fit", str(data), "--out", str(cut), *args)
-    _wait_for(lambda: len(_rows(cut)) >= 4 or proc.poll() is not None)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt arrived")
-    assert proc.returncode == 130, err
-    assert main(["fit", "--resume", str(cut)]) == 0
-    for name in ("last", "snapshot-1", "snapshot-2"):
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
+    return path
+
+
+def _same_end(whole: Path, cut: Path, names=("last",)) -> None:
+    for name in names:
         a = torch.load(whole / f"checkpoints/{name}.ckpt", weights_only=True)
         b = torch.load(cut / f"checkpoints/{name}.ckpt", weights_only=True)
         assert ("ema_state_dict" in a) == ("ema_state_dict" in b)
         for key in ("state_dict", "ema_state_dict") if "ema_state_dict" in a else ("state_dict",):
             for k, v in a[key].items():
                 assert torch.equal(v, b[key][k]), (name, key, k)
-    assert "ema_state_dict" in torch.load(cut / "checkpoints/last.ckpt", weights_only=True)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(_rows(cut)) == strip(_rows(whole))
+
+
+def test_cached_freeze_with_ema_and_snapshots_resumes_to_the_same_end(data, weights, tmp_path, capsys):
+    args = [*ARGS, "--epochs", "6", "--weights", str(weights), "--finetune", "freeze", "--ema",
+            "--snapshots", "2"]
+    args.remove("--no-pretrained")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["fit", str(data), "--out", str(whole), *args]) == 0
+    assert _fit_interrupted_at(4, ["fit", str(data), "--out", str(cut), *args]) == 130
+    assert f"transferkit fit --resume {cut}" in capsys.readouterr().err
+    assert len(_rows(cut)) == 4
+    assert main(["fit", "--resume", str(cut)]) == 0
+    _same_end(whole, cut, ("last", "snapshot-1", "snapshot-2"))
+    assert "ema_state_dict" in torch.load(cut / "checkpoints/last.ckpt", weights_only=True)
     assert _rows(cut)[-1]["val_acc_ema"]
+
+
+@pytest.mark.parametrize("cache", ["1", "0"], ids=["cached probe", "probe on images"])
+def test_lp_ft_interrupted_in_its_probe_phase_resumes_to_the_same_end(data, weights, tmp_path, cache):
+    args = [*ARGS, "--epochs", "3", "--weights", str(weights), "--finetune", "lp-ft", "--cache-views", cache]
+    args.remove("--no-pretrained")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["fit", str(data), "--out", str(whole), *args]) == 0
+    assert [int(r["epoch"]) for r in _rows(whole)] == list(range(1, 7))  # 3 probe + 3 fine-tuning epochs
+    probe_end = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)
+    assert _fit_interrupted_at(2, ["fit", str(data), "--out", str(cut), *args]) == 130  # inside the probe
+    assert len(_rows(cut)) == 2
+    mid = torch.load(cut / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    from safetensors.torch import load_file
+
+    pretrained = load_file(str(weights))
+    for k, v in pretrained.items():  # the probe moved the head alone
+        if not k.startswith("fc.") and v.is_floating_point():
+            assert torch.equal(mid["model." + k], v), k
+    assert main(["fit", "--resume", str(cut)]) == 0
+    _same_end(whole, cut)
+    moved = [k for k, v in pretrained.items() if not k.startswith("fc.") and v.is_floating_point()
+             and not torch.equal(probe_end["state_dict"]["model." + k], v)]
+    assert any(k.startswith("conv1") for k in moved)  # then fine-tuning moved the backbone
 
 
 def test_sigterm_ends_cleanly_with_a_resume_hint(data, tmp_path):

@@ -1,5 +1,8 @@
 """Per-image train and eval stacks: presets of named operations, albumentations underneath.
 
+(lines: one table of ops with their checks, the presets and the transform that runs them belong
+together; split, each would need the others.)
+
 Every stack takes a numpy HxWx3 uint8 RGB array (HxW and HxWx1 grayscale are replicated) or a
 PIL image (converted to RGB; transparency composited on white) and returns a contiguous,
 normalized 3xHxW float32 tensor. albumentations never shows through this API, so the backend

@@ -69,7 +69,15 @@ def load_plugin(path: str | Path) -> None:
     log.info("loaded backbone plugin %s", path)
 
 
+HUB_PREFIXES = ("hf-hub:", "local-dir:")  # timm resolves these itself, config and weights included
+
+
 def check_name(name: str) -> None:
+    if name.startswith(HUB_PREFIXES):
+        if name.startswith("local-dir:") and not Path(name[len("local-dir:"):]).expanduser().is_dir():
+            raise BackboneError(f"backbone {name!r}: {name[len('local-dir:'):]} is not a folder; pass a folder"
+                                " with timm's config.json and model.safetensors")
+        return
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return
@@ -165,7 +173,7 @@ def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **kwargs)
         log.info("loaded backbone weights from %s", path)
     elif pretrained:
-        if cfg is None or not _has_pretrained_source(cfg.to_dict()):
+        if not name.startswith(HUB_PREFIXES) and (cfg is None or not _has_pretrained_source(cfg.to_dict())):
             raise BackboneError(f"backbone {name!r} has no pretrained weights in timm; {_NO_WEIGHTS_HINT}")
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)

@@ -4,23 +4,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
-
-from transferkit.backbones.advisor import Advice, decide, measure_with_features
-from transferkit.backbones.groups import LayerGroups
-from transferkit.pipelines.data.datasets import ImageDataset, Sample
+from transferkit.backbones.advisor import Advice
 from transferkit.pipelines.settings import FitConfig
-
-
-def advice_for(model, groups: LayerGroups, samples: list[Sample], transform, *, batch_size: int = 64,
-               workers: int = 0, seed: int = 0, device: str | torch.device = "cpu",
-               progress: bool = True) -> tuple[Advice, torch.Tensor]:
-    """Measure `samples` with the frozen `model` and decide; also return the pooled features
-    (fit reuses them as the clean view of its feature cache)."""
-    loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, num_workers=workers)
-    m, feats, _ = measure_with_features(model, loader, seed=seed, device=device, progress=progress)
-    return decide(m, num_groups=len(groups), group_labels=groups.labels), torch.from_numpy(feats)
 
 
 def advise(data: str, backbone: str = "resnet50", *, progress: bool = True, source: str = "api",
@@ -32,7 +17,7 @@ def advise(data: str, backbone: str = "resnet50", *, progress: bool = True, sour
     """
     from transferkit.pipelines.data.features import feature_batch
     from transferkit.pipelines.devices import choose_device
-    from transferkit.pipelines.train.recipe import load_backbone, load_split, make_transforms
+    from transferkit.pipelines.train.recipe import advice_for, load_backbone, load_split, make_transforms
 
     t0 = time.monotonic()
     cfg = FitConfig.build({"data": str(data), "backbone": backbone, **settings}, source=source)

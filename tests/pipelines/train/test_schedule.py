@@ -35,3 +35,37 @@ def test_snapshot_schedule_restarts_and_ends_every_cycle_at_its_minimum():
     assert f[10] == f[20] == 1.0  # warm restarts
     assert f[22] == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / 14)))
     assert snapshot_factor(total, total, 3, cycles, floor, per_epoch) == floor
+
+
+def test_schedule_factors_equal_their_closed_forms():
+    from transferkit.pipelines.train.schedule import Schedule
+
+    spe = 4
+    head, body = Schedule(epochs=5, warmup_epochs=1).factors(spe)
+    total, warm = 20, 4
+    assert [head(s) for s in range(warm)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    for s in (4, 9, 19):
+        want = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert head(s) == pytest.approx(want) and body(s) == pytest.approx(want)
+    step, _ = Schedule(epochs=6, kind="step", warmup_epochs=0, step_epochs=2, step_gamma=0.1).factors(spe)
+    assert [step(s) for s in (0, 7, 8, 15, 16, 23)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    const, _ = Schedule(epochs=3, kind="constant", warmup_epochs=0).factors(spe)
+    assert {const(s) for s in range(12)} == {1.0}
+    swa, _ = Schedule(epochs=8, warmup_epochs=0, swa=True).factors(spe)  # flat over epochs 7-8
+    assert swa(6 * spe) == swa(7 * spe) == swa(8 * spe - 1) > 0.01
+
+
+def test_lp_ft_probe_phase_trains_the_head_alone_then_every_group_warms_up_again():
+    from transferkit.pipelines.train.schedule import Schedule
+
+    spe = 2
+    sched = Schedule(epochs=6, warmup_epochs=1, probe_epochs=3, probe_lr_scale=10.0)
+    head, body = sched.factors(spe)
+    assert [body(s) for s in range(6)] == [0.0] * 6  # the backbone does not move during the probe
+    assert head(0) == pytest.approx(10 * 0.5) and head(1) == pytest.approx(10.0)
+    cosine = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 3 / 4))  # step 5 of 6, after 2 warmup steps
+    assert head(5) == pytest.approx(10 * cosine)  # the probe's own cosine
+    assert head(6) == body(6) == pytest.approx(0.5)  # fine-tuning starts with its own warmup
+    assert head(11) == body(11) == pytest.approx(cosine)
+    assert sched.judged_epochs() == {4, 5, 6}  # early stopping waits for the fine-tuning phase
+    assert Schedule(epochs=8, cycles=2, probe_epochs=2).snapshot_epochs() == [5, 8]

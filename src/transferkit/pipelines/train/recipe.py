@@ -29,11 +29,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
 
 from transferkit import __version__
 from transferkit.augment.batch import BatchMixer
 from transferkit.augment.image import describe_train, eval_transform, parse_overrides, train_transform
 from transferkit.backbones import factory
+from transferkit.backbones.advisor import Advice, decide, measure_with_features
 from transferkit.backbones.groups import LayerGroups, layer_groups
 from transferkit.backbones.strategies import DEFAULT_LAYER_DECAY, DEFAULT_LR, SCRATCH_LR, SGD_LR_FACTOR, Plan, make_plan
 from transferkit.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
@@ -222,8 +224,6 @@ def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels
     if not measure:
         return make_plan("full", groups, reason="provisional: rank 0 measures", lr=rate("full"),
                          layer_decay=decay), None
-    from transferkit.pipelines.advise import advice_for
-
     advice, feats = advice_for(backbone.model, groups, split.train, pixels.eval, batch_size=feature_batch(cfg.batch_size),
                                workers=default_workers() if cfg.workers is None else cfg.workers, seed=cfg.seed,
                                device=choose_device(cfg.accelerator), progress=progress)
@@ -231,6 +231,16 @@ def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels
     plan = make_plan(advice.strategy, groups, advice.trainable_groups or cfg.trainable_groups, "; ".join(advice.reasons),
                      lr=rate(advice.strategy, advice.lr), layer_decay=decay, advice=advice.to_dict())
     return plan, feats
+
+
+def advice_for(model, groups: LayerGroups, samples: list[Sample], transform, *, batch_size: int = 64,
+               workers: int = 0, seed: int = 0, device: str | torch.device = "cpu",
+               progress: bool = True) -> tuple[Advice, torch.Tensor]:
+    """Measure `samples` with the frozen `model` and decide; also return the pooled features
+    (fit reuses them as the clean view of its feature cache)."""
+    loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, num_workers=workers)
+    m, feats, _ = measure_with_features(model, loader, seed=seed, device=device, progress=progress)
+    return decide(m, num_groups=len(groups), group_labels=groups.labels), torch.from_numpy(feats)
 
 
 def make_schedule(cfg: FitConfig, plan: Plan) -> Schedule:

@@ -1,0 +1,63 @@
+"""The default path of fit: --finetune auto from pretrained weights, through advisor, cache and report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import transferkit.pipelines.train.recipe as recipe
+from transferkit.cli.main import main
+
+FAST = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "--batch-size", "16",
+        "--epochs", "4", "--patience", "0"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
+    return path
+
+
+def test_auto_measures_decides_caches_and_reports(color_folder, weights, tmp_path, monkeypatch, capsys):
+    first_views = []
+    real = recipe.extract
+
+    def record(*args, **kwargs):
+        first_views.append(kwargs.get("first_view"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "extract", record)
+    out = tmp_path / "run"
+    assert main(["fit", str(color_folder), "--weights", str(weights), "--out", str(out), *FAST]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    ft = report["finetune"]
+    # 16 per class, easy colours: small and similar -> freeze, on cached features
+    assert ft["advice"]["strategy"] == ft["strategy"] == "freeze"
+    assert ft["reason"] == "; ".join(ft["advice"]["reasons"]) and ft["lr"] == ft["advice"]["lr"] == 1e-2
+    assert ft["trainable_groups"] == ["head"] and ft["trainable_parameters"] < ft["total_parameters"]
+    assert "advice: freeze" in err and "cached frozen features of 48 train images" in err
+    # the advisor's pass is the cache's clean view: train extracted once more only for val
+    assert first_views[0] is not None and first_views[0].shape[0] == 48 and first_views[1] is None
+    saved = yaml.safe_load((out / "config.yaml").read_text())["resolved"]["finetune"]
+    assert saved["strategy"] == "freeze" and saved["advice"] == ft["advice"]
+    assert report["accuracy"] >= 0.9
+
+
+def test_a_plan_saved_for_other_groups_is_refused_by_name():
+    from transferkit.backbones.groups import layer_groups
+    from transferkit.backbones.strategies import Plan, make_plan
+    from transferkit.errors import ConfigError
+
+    groups = layer_groups(timm.create_model("test_resnet", num_classes=3))
+    plan = make_plan("partial", groups, 2, lr=3e-3)
+    assert Plan.from_dict(plan.to_dict(), groups) == plan
+    other = layer_groups(timm.create_model("test_efficientnet", num_classes=3))
+    with pytest.raises(ConfigError, match="that this backbone does not have"):
+        Plan.from_dict(plan.to_dict(), other)
