@@ -59,7 +59,7 @@ def subsample(src: Path, dst: Path, per_class: int | None, seed: int) -> Path:
 def pick(data: Path, seed: int, workers: int) -> dict:
     from transferkit.pipelines.advise import advise
 
-    advice, info = advise(str(data), "mobilenetv1_025", plugin=str(PLUGIN), seed=seed, workers=workers,
+    advice, info = advise(str(data), "mobilenetv1_025", backbone_plugin=str(PLUGIN), seed=seed, workers=workers,
                           progress=False)
     return {"pick": advice.strategy, "pick_groups": advice.trainable_groups, "reasons": advice.reasons,
             "measurements": advice.measurements.to_dict(), "train_images": info["train_images"]}
@@ -75,8 +75,7 @@ def score(res: dict) -> dict:
 
 def cell(data: Path, out: Path, epochs: int, seed: int, workers: int, accuracy: dict | None = None) -> dict:
     """The advisor's pick and, unless `accuracy` is given (from an earlier run), every strategy trained."""
-    from transferkit.pipelines.config import FitConfig
-    from transferkit.pipelines.fit import fit
+    import transferkit
 
     res = {**pick(data, seed, workers), "accuracy": {}, "seconds": {}}
     if accuracy is not None:
@@ -84,9 +83,9 @@ def cell(data: Path, out: Path, epochs: int, seed: int, workers: int, accuracy: 
         return score(res)
     for s in STRATEGIES:
         t0 = time.perf_counter()
-        report = fit(FitConfig(data=str(data), out=str(out / s), backbone="mobilenetv1_025",
-                               backbone_plugin=str(PLUGIN), finetune=s, epochs=epochs, patience=0,
-                               seed=seed, workers=workers, overwrite=True), progress=False)
+        report = transferkit.fit(data, out=out / s, backbone="mobilenetv1_025", backbone_plugin=str(PLUGIN),
+                                 finetune=s, epochs=epochs, patience=0, seed=seed, workers=workers, overwrite=True,
+                                 progress=False).report
         res["accuracy"][s] = report["accuracy"]
         res["seconds"][s] = round(time.perf_counter() - t0, 1)
     return score(res)

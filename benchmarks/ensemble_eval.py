@@ -28,9 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from transferkit.cli.main import main as cli
-from transferkit.pipelines.data import ImageDataset, read_split_csv
-from transferkit.pipelines.inference import Predictor
-from transferkit.pipelines.run import RunDir
+from transferkit.pipelines.data.datasets import ImageDataset
+from transferkit.pipelines.data.splits import read_split_csv
+from transferkit.pipelines.evaluate.predictor import Predictor
+from transferkit.pipelines.rundir import RunDir
 
 SPECS = ["plain", "hflip", "ten-crop"]
 ENSEMBLES = ["none", "ema", "snapshots"]
@@ -73,19 +74,19 @@ def main() -> None:
                   "--ema", "--patience", "0", "--workers", "0"])
         assert rc == 0
         run = RunDir(out)
-        probe = Predictor(run, SPECS, ENSEMBLES, device="cpu")
+        probe = Predictor.for_run(run, SPECS, ENSEMBLES, accelerator="cpu")
         samples = read_split_csv(run.splits / "val.csv", run.classes())
         batches = [b[0] for b in DataLoader(ImageDataset(samples, probe.transform), batch_size=32)]
 
         def engine(shared: bool):
-            p = Predictor(run, SPECS, ENSEMBLES, device="cpu")
+            p = Predictor.for_run(run, SPECS, ENSEMBLES, accelerator="cpu")
             p.shared_backbone = None if shared else False
             return lambda: [p.merged(x) for x in batches]
 
         singles = []
         for e in ENSEMBLES:
             for s in SPECS:
-                p = Predictor(run, s, e, device="cpu")
+                p = Predictor.for_run(run, s, e, accelerator="cpu")
                 p.shared_backbone = False
                 singles.append(p)
 

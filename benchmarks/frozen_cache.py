@@ -20,14 +20,13 @@ SHARED = REPO.parent / "shared"
 
 
 def run(data: Path, out: Path, epochs: int, cache_views: int, workers: int) -> tuple[float, float]:
-    from transferkit.pipelines.config import FitConfig
-    from transferkit.pipelines.fit import fit
+    import transferkit
 
-    cfg = FitConfig(data=str(data), out=str(out), backbone="mobilenetv1_025",
-                    backbone_plugin=str(SHARED / "weights" / "mobilenetv1_025.py"), finetune="freeze",
-                    epochs=epochs, patience=0, cache_views=cache_views, workers=workers, overwrite=True)
     t0 = time.perf_counter()
-    report = fit(cfg, progress=False)
+    report = transferkit.fit(data, out=out, backbone="mobilenetv1_025",
+                             backbone_plugin=str(SHARED / "weights" / "mobilenetv1_025.py"), finetune="freeze",
+                             epochs=epochs, patience=0, cache_views=cache_views, workers=workers, overwrite=True,
+                             progress=False).report
     return time.perf_counter() - t0, report["accuracy"]
 
 

@@ -82,7 +82,7 @@ def pil_loop(root: Path) -> int:
 def thread_pool(root: Path, workers: int) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    from transferkit.pipelines.images import probe_image
+    from transferkit.pipelines.data.images import probe_image
 
     paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if not f.startswith(".")]
     with ThreadPoolExecutor(workers) as pool:
@@ -114,7 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     root = generate(args.dir or Path(f"/tmp/transferkit-scan-{args.n}"), args.n)
 
-    from transferkit.pipelines.data import scan_folder
+    from transferkit.pipelines.data.folders import scan_folder
 
     list_files(root)  # warm the directory cache so that every row sees the same file system state
     t_list, files = timed(list_files, root)

@@ -13,7 +13,7 @@ import transferkit.pipelines.train.recipe as recipe
 from transferkit.cli.main import main
 
 FAST = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "--batch-size", "16",
-        "--epochs", "4", "--patience", "0"]
+        "--epochs", "12", "--patience", "0"]
 
 
 @pytest.fixture(scope="module")
