@@ -225,3 +225,33 @@ def test_a_fixed_size_backbone_is_built_for_the_size_asked(name):
     assert dc.input_size == (3, 64, 64)
     with torch.no_grad():
         assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_files_of_the_user_s_are_never_written_into(folders, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("my,own\n1,2\n")
+    (mine / "report.json").write_text("{}")
+    for extra in ([], ["--overwrite"]):
+        assert main(["fit", str(folders["good"]), "--out", str(mine), *FAST, *extra]) == 2
+        line = capsys.readouterr().err.strip()
+        assert line == f"transferkit: error: --out {mine} holds files but no transferkit run; pass an empty or new" \
+                       " folder for the run"
+    assert (mine / "metrics.csv").read_text() == "my,own\n1,2\n" and sorted(p.name for p in mine.iterdir()) == [
+        "metrics.csv", "report.json"]
+
+
+def test_weights_that_are_a_folder_or_not_weights_say_what_they_are(folders, tmp_path, capsys):
+    fast = [a for a in FAST if a != "--no-pretrained"]
+    folder = tmp_path / "wdir"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    assert main(["fit", str(folders["good"]), "--weights", str(folder), *fast, "--out", str(tmp_path / "a")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"--weights {folder} is a folder; pass the file inside it, e.g. --weights {folder / 'model.safetensors'}" \
+        in line and f"local-dir:{folder}" in line
+    text = tmp_path / "notes.pth"
+    text.write_text("these are my notes, not weights\n")
+    assert main(["fit", str(folders["good"]), "--weights", str(text), *fast, "--out", str(tmp_path / "b")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"weights file {text} is not a weights file" in line and "unsafe" not in line and "\n" not in line

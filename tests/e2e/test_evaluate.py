@@ -323,3 +323,18 @@ def test_hymenoptera_compares_tta_and_ensembles_in_one_call(shared, tmp_path, ca
     assert rows["plain", "none"]["accuracy"] >= 0.8  # the frozen features alone reach about 0.86
     assert rows["ten-crop", "snapshots"]["members"] == ["snapshot-1", "snapshot-2", "snapshot-3"]
     assert max(r["accuracy"] for r in rows.values()) >= rows["plain", "none"]["accuracy"]
+
+
+def test_a_checkpoint_of_another_class_count_is_one_line(averaged, tmp_path, capsys):
+    from conftest import make_color_folder
+
+    _, out, _ = averaged
+    run_dir = _copy_run(out, tmp_path)
+    other = tmp_path / "two"
+    assert main(["fit", str(make_color_folder(tmp_path / "d2", classes=("red", "blue"), per_class=6, size=32)),
+                 "--out", str(other), *FAST, "--epochs", "1"]) == 0
+    shutil.copy(other / "checkpoints/best.ckpt", run_dir / "checkpoints/best.ckpt")
+    assert main(["evaluate", str(run_dir)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"transferkit: error: {run_dir / 'checkpoints' / 'best.ckpt'} does not fit this run's model")
+    assert "other classes or another backbone" in line

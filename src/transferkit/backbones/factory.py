@@ -86,9 +86,27 @@ def check_name(name: str) -> None:
     raise BackboneError(f"unknown backbone {name!r}; {hint}")
 
 
+def _looks_like_weights(path: Path) -> bool:
+    """A torch checkpoint (a zip archive, or a legacy pickle) or a safetensors file, by its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return True
+    return len(head) == 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+        hint = (f"pass the file inside it, e.g. --weights {path / inside[0]}" if inside else
+                "pass a .safetensors or .pth file")
+        raise BackboneError(f"--weights {path} is a folder; {hint}, or --backbone local-dir:{path} for a folder"
+                            " in timm's format (config.json + weights)")
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist; pass an existing .safetensors or .pth file")
+    if not _looks_like_weights(path):
+        raise BackboneError(f"weights file {path} is not a weights file (neither a torch checkpoint nor"
+                            " safetensors); pass a .safetensors or .pth file of tensors")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -53,6 +53,10 @@ class RunDir:
         if self.holds_run() and not overwrite:
             raise RunDirError(f"{self.path} already holds a run; pass --overwrite to replace it, a new"
                               " --out, or --resume to continue it")
+        if not self.holds_run() and self.path.is_dir() and any(self.path.iterdir()):
+            # --overwrite replaces a run, never someone else's files
+            raise RunDirError(f"--out {self.path} holds files but no transferkit run; pass an empty or new folder"
+                              " for the run")
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> "RunDir":

@@ -61,9 +61,15 @@ class Blueprint:
                               image_size=self.image_size, quiet=True)
 
 
-def load_weights(model: nn.Module, state_dict: dict) -> nn.Module:
+def load_weights(model: nn.Module, state_dict: dict, source: str | Path = "the checkpoint") -> nn.Module:
     """Load a LightningModule state_dict (keys ``model.…``) into the bare network; eval mode."""
-    model.load_state_dict({k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")})
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:200] if lines else type(exc).__name__
+        raise CheckpointError(f"{source} does not fit this run's model ({detail}); was it trained with"
+                              " other classes or another backbone?") from None
     return model.eval()
 
 
@@ -81,11 +87,7 @@ def load_checkpoint(path: str | Path, key: str = "state_dict",
     ckpt = safe_load(path)
     bp = Blueprint.of_checkpoint(ckpt, path, plugin)
     model, data_cfg = bp.build()
-    try:
-        load_weights(model, state_of(ckpt, path, key))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise CheckpointError(f"{path} does not fit the {bp.backbone} it names ({first})") from None
+    load_weights(model, state_of(ckpt, path, key), path)
     return model, data_cfg, list(bp.classes)
 
 
@@ -94,4 +96,4 @@ def load_model(run: RunDir, checkpoint: str = "best", key: str = "state_dict") -
     ``key="ema_state_dict"`` loads the averaged weights of a ``fit --ema`` run."""
     model, data_cfg = Blueprint.of_run(run).build()
     path = run.checkpoint(checkpoint)
-    return load_weights(model, state_of(safe_load(path), path, key)), data_cfg
+    return load_weights(model, state_of(safe_load(path), path, key), path), data_cfg

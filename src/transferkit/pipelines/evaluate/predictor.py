@@ -137,7 +137,8 @@ class Predictor:
         members = {e: weights.members(e) for e in names}  # errors before any model is built
         unique = list(dict.fromkeys(m for ms in members.values() for m in ms))
         template, data_cfg = Blueprint.of_run(run).build()
-        models = [load_weights(copy.deepcopy(template), weights.state_dict(m)) for m in unique]
+        models = [load_weights(copy.deepcopy(template), weights.state_dict(m), run.checkpoint(m.checkpoint))
+                  for m in unique]
         return cls(models, [m.name for m in unique], {e: [unique.index(m) for m in ms] for e, ms in members.items()},
                    data_cfg, len(run.classes()), tta, merge, choose_device(accelerator))
 
