@@ -46,3 +46,33 @@ def shared() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared data is not present")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """'Pretrained' weights for timm's test_resnet, made and saved by the test (nothing is downloaded)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
+    return path
+
+
+def fit_with_callbacks(args: list[str], *callbacks) -> int:
+    """`transferkit ARGS` with extra Lightning callbacks in fit's Trainer."""
+    import transferkit.pipelines.train.recipe as recipe
+    from transferkit.cli.main import main
+
+    original = recipe.make_trainer
+
+    def make_trainer(*a, **kw):
+        trainer = original(*a, **kw)
+        trainer.callbacks.extend(callbacks)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe, "make_trainer", make_trainer)
+        return main(args)

@@ -38,18 +38,6 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
-    return path
-
-
 @pytest.mark.parametrize("finetune", ["full", "freeze", "partial", "lp-ft", "auto"])
 def test_two_processes_write_one_run_and_count_each_val_image_once(data, weights, tmp_path, finetune):
     work = tmp_path / "work"

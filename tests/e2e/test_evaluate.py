@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from transferkit.augment.image import eval_transform
 from transferkit.augment.tta import TTA, predict_proba_ensemble
 from transferkit.cli.main import main
-from transferkit.pipelines.train import recipe as fit_module
 from transferkit.pipelines.data.datasets import ImageDataset, Sample
 from transferkit.pipelines.data.splits import read_split_csv
 from transferkit.pipelines.evaluate.loading import load_model
@@ -43,16 +42,9 @@ class LrRecorder(pl.Callback):
 
 
 def _fit_with(callback: pl.Callback, args: list[str]) -> int:
-    original = fit_module.make_trainer
+    from conftest import fit_with_callbacks
 
-    def make_trainer(*args, **kw):
-        trainer = original(*args, **kw)
-        trainer.callbacks.append(callback)
-        return trainer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit_module, "make_trainer", make_trainer)
-        return main(args)
+    return fit_with_callbacks(args, callback)
 
 
 @pytest.fixture(scope="module")

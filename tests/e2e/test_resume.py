@@ -90,29 +90,9 @@ class _InterruptAt(pl.Callback):
 
 
 def _fit_interrupted_at(epoch: int, args: list[str]) -> int:
-    import transferkit.pipelines.train.recipe as recipe
+    from conftest import fit_with_callbacks
 
-    original = recipe.make_trainer
-
-    def make_trainer(*a, **kw):
-        trainer = original(*a, **kw)
-        trainer.callbacks.append(_InterruptAt(epoch))
-        return trainer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recipe, "make_trainer", make_trainer)
-        return main(args)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
-    return path
+    return fit_with_callbacks(args, _InterruptAt(epoch))
 
 
 def _same_end(whole: Path, cut: Path, names=("last",)) -> None:

@@ -9,23 +9,12 @@ import textwrap
 
 import numpy as np
 import pytest
-import timm
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import transferkit
 from transferkit.errors import ConfigError, RunDirError
 
 FAST = dict(image_size=40, workers=0, batch_size=16, epochs=12, patience=0)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "test_resnet.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

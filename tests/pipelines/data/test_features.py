@@ -7,7 +7,6 @@ import json
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
 from transferkit.augment.image import eval_transform
 from transferkit.cli.main import main
@@ -21,14 +20,6 @@ from transferkit.pipelines.rundir import RunDir
 
 FAST = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "--batch-size", "8",
         "--epochs", "4", "--patience", "0"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
-    return path
 
 
 def test_cached_features_equal_a_direct_forward_pass(color_folder):

@@ -5,23 +5,13 @@ import json
 
 import pytest
 import timm
-import torch
 import yaml
-from safetensors.torch import save_file
 
 import transferkit.pipelines.train.recipe as recipe
 from transferkit.cli.main import main
 
 FAST = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "--batch-size", "16",
         "--epochs", "12", "--patience", "0"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
-    return path
 
 
 def test_auto_measures_decides_caches_and_reports(color_folder, weights, tmp_path, monkeypatch, capsys):
