@@ -1,0 +1,24 @@
+"""ImageDataset: a file that breaks after the scan is replaced in training, an error in evaluation."""
+from __future__ import annotations
+
+import pytest
+
+from transferkit.errors import DataError
+from transferkit.pipelines.data.datasets import ImageDataset, Sample, drop_tiny_last
+
+
+def test_training_replaces_a_broken_file_once_evaluation_names_it(color_folder, tmp_path, caplog):
+    good = sorted((color_folder / "red").glob("*.png"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good[0].read_bytes()[:60])
+    samples = [Sample(str(broken), 0), Sample(str(good[1]), 1)]
+    train = ImageDataset(samples, replace_failed=True)
+    (_, label, index), again = train[0], train[0]
+    assert (label, index) == (1, 1) and again[2] == 1
+    assert caplog.text.count(f"could not read {broken}") == 1  # reported once, not at every epoch
+    with pytest.raises(DataError, match=f"{broken} could not be read"):
+        ImageDataset(samples)[0]
+
+
+def test_only_a_last_batch_of_one_is_dropped():
+    assert drop_tiny_last(33, 32) and not drop_tiny_last(34, 32) and not drop_tiny_last(1, 32)
