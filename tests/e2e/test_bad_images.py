@@ -280,3 +280,28 @@ def test_evaluate_on_a_folder_skips_and_reports_bad_files(bad_run, tmp_path, cap
     assert "left out 7 unusable file(s)" in err
     body = json.loads((out / "evaluation.json").read_text())
     assert body["results"][0]["count"] == 24 + 10  # the linked folder's images once, not again
+
+
+def test_a_val_file_that_breaks_before_the_final_evaluation_is_listed_and_the_run_finishes(tmp_path, capsys,
+                                                                                          monkeypatch):
+    import transferkit.pipelines.train.recipe as recipe
+
+    data = _presplit(tmp_path / "data")
+    out = tmp_path / "run"
+    real_report = recipe.write_report
+
+    def break_then_report(run, *args, **kwargs):
+        victim = _rows(out / "splits" / "val.csv")[1]["path"]
+        _break_load(monkeypatch, victim)  # the header stays valid; the pixels no longer decode
+        return real_report(run, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "write_report", break_then_report)
+    assert main(["fit", str(data), "--out", str(out), "--epochs", "1", "--finetune", "full", *FAST]) == 0
+    victim = _rows(out / "splits" / "val.csv")[1]["path"]
+    skipped = {r["path"]: r["reason"] for r in _rows(out / "skipped.csv")}
+    assert skipped[victim] == "unreadable at the final evaluation"
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["count"] == len(_rows(out / "splits" / "val.csv")) - 1
+    assert report["images"]["skipped"] == len(skipped)
+    assert (out / "plots" / "confusion.png").is_file()
+    assert "left 1 val image(s) out of the final evaluation" in capsys.readouterr().err

@@ -67,14 +67,15 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
 
 @torch.inference_mode()
 def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
-                  desc: str = "predicting", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels for every batch of (images, labels, ...)."""
+                  desc: str = "predicting", progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Softmax probabilities, labels and sample indices for every batch of (images, labels, index)."""
     from tqdm.auto import tqdm
 
     model.eval().to(device)
-    probs, labels = [], []
+    probs, labels, index = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x, y = batch[0], batch[1]
+        x, y, i = batch[0], batch[1], batch[2]
         probs.append(torch.softmax(model(x.to(device)).float(), -1).cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        index.append(torch.as_tensor(i))
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()

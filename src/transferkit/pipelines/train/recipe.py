@@ -405,10 +405,21 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
             probs = torch.softmax(clf(data.cache.val[0]), -1).numpy()
         labels = np.array([s.label for s in split.val])
     else:
-        loader = torch.utils.data.DataLoader(ImageDataset(split.val, data.val_ds.transform),
-                                             batch_size=cfg.batch_size, num_workers=data.num_workers)
-        probs, labels = predict_proba(model, loader, choose_device(cfg.accelerator), desc="evaluating best checkpoint",
-                                      progress=progress)
+        # A file that breaks now (it passed the scan and training) is left out and listed, not fatal:
+        # its stand-in's row repeats an index, and each index counts once.
+        loader = DataLoader(ImageDataset(split.val, data.val_ds.transform, replace_failed=True),
+                            batch_size=cfg.batch_size, num_workers=data.num_workers)
+        probs, labels, index = predict_proba(model, loader, choose_device(cfg.accelerator),
+                                             desc="evaluating best checkpoint", progress=progress)
+        _, first = np.unique(index, return_index=True)
+        probs, labels = probs[np.sort(first)], labels[np.sort(first)]
+        lost = [split.val[i].path for i in sorted(set(range(len(split.val))) - set(index.tolist()))]
+        if lost:
+            log.warning("left %d val image(s) out of the final evaluation (unreadable now), e.g. %s", len(lost),
+                        lost[0])
+            split = Split(split.classes, split.train, split.val, split.test,
+                          [*split.skipped, *((p, "unreadable at the final evaluation") for p in lost)])
+            write_skipped_csv(run.skipped, split.skipped)
     metrics = classification_metrics(probs, labels, split.classes)
     es = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
     mc = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
