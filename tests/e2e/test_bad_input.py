@@ -6,7 +6,6 @@ that no traceback or stray output escapes.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -22,11 +21,6 @@ FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "-
         "--batch-size", "8", "--epochs", "1", "--patience", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _own_run_dir_env(monkeypatch):
-    monkeypatch.delenv("TRANSFERKIT_RUN_DIR", raising=False)
-
-
 def _one_error_line(err: str) -> str:
     assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if ln.startswith("transferkit: error:")]
@@ -35,9 +29,8 @@ def _one_error_line(err: str) -> str:
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_RUN_DIR"}
     return subprocess.run([sys.executable, "-m", "transferkit.cli.main", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300, check=False)
+                          text=True, cwd=cwd, timeout=300, check=False)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -70,9 +63,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def finished_run(folders) -> Path:
     out = folders["root"] / "finished"
-    os.environ.pop("TRANSFERKIT_RUN_DIR", None)
     assert main(["fit", str(folders["good"]), "--out", str(out), *FAST]) == 0
-    os.environ.pop("TRANSFERKIT_RUN_DIR", None)
     return out
 
 

@@ -330,3 +330,19 @@ def test_a_checkpoint_of_another_class_count_is_one_line(averaged, tmp_path, cap
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"transferkit: error: {run_dir / 'checkpoints' / 'best.ckpt'} does not fit this run's model")
     assert "other classes or another backbone" in line
+
+
+def test_every_checkpoint_of_the_run_loads_on_its_own(averaged):
+    import transferkit
+
+    _, out, _ = averaged
+    classes = RunDir(out).classes()
+    for name in ("best", "last", "swa", "snapshot-1", "snapshot-3"):
+        loaded = transferkit.load(out / "checkpoints" / f"{name}.ckpt")
+        assert loaded.classes == classes, name
+        want, _ = load_model(RunDir(out), name)
+        for k, v in loaded.model.state_dict().items():
+            assert torch.equal(v, want.state_dict()[k]), (name, k)
+    ema = transferkit.load(out / "checkpoints" / "best.ckpt", ema=True)
+    want, _ = load_model(RunDir(out), "best", key="ema_state_dict")
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in ema.model.state_dict().items())

@@ -25,6 +25,9 @@ from transferkit.errors import CheckpointError, RunDirError, refused_global
 
 log = logging.getLogger(__name__)
 
+# The key under which every checkpoint describes its own model (see evaluate/loading.py).
+CHECKPOINT_META = "transferkit"
+
 
 class RunDir:
     def __init__(self, path: str | Path):

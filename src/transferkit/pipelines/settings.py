@@ -139,12 +139,6 @@ class FitConfig:
     def devices_arg(self) -> int | str:
         return int(self.devices) if str(self.devices).isdigit() else self.devices
 
-    @property
-    def world_size_hint(self) -> int:
-        """Processes this config asks for, where it says (``devices: auto`` counts as one)."""
-        d = self.devices_arg
-        return (d if isinstance(d, int) else 1) * self.num_nodes
-
     # -- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -3,25 +3,9 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from transferkit.augment.text import RandomCrop, RandomDelete, RandomSwap
 
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
-SENTENCE = " ".join(WORDS)
-SEEDS = range(8)
-
-
-def _is_subsequence(short: list[str], long: list[str]) -> bool:
-    remaining = iter(long)
-    return all(word in remaining for word in short)
-
-
-@pytest.fixture
-def synonym_file(tmp_path):
-    path = tmp_path / "synonyms.txt"
-    path.write_text("# groups of synonyms\nalpha, first\nBravo\tsecond\tdeuxieme\n\nlonely\n", encoding="utf-8")
-    return path
+from _texts import SEEDS, SENTENCE, WORDS, is_subsequence
 
 
 # --------------------------------------------------------------------------- word ops
@@ -44,7 +28,7 @@ def test_delete_removes_three_of_ten_words_and_keeps_order():
     for out in outputs:
         # nlpaug keeps the second word when it deletes the first two (capitalisation fix-up)
         assert 7 <= len(out) <= 9
-        assert _is_subsequence(out, WORDS)
+        assert is_subsequence(out, WORDS)
     assert sum(len(out) == 7 for out in outputs) >= len(outputs) // 2
     assert len({tuple(out) for out in outputs}) > 1
 

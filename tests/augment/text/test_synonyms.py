@@ -14,21 +14,8 @@ from transferkit.augment.text import (
 )
 from transferkit.errors import ConfigError, MissingExtra
 
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
-SENTENCE = " ".join(WORDS)
-SEEDS = range(8)
-
-
-def _is_subsequence(short: list[str], long: list[str]) -> bool:
-    remaining = iter(long)
-    return all(word in remaining for word in short)
-
-
-@pytest.fixture
-def synonym_file(tmp_path):
-    path = tmp_path / "synonyms.txt"
-    path.write_text("# groups of synonyms\nalpha, first\nBravo\tsecond\tdeuxieme\n\nlonely\n", encoding="utf-8")
-    return path
+from _texts import SEEDS, SENTENCE, WORDS, is_subsequence
+from _texts import synonym_file  # noqa: F401 - a fixture
 
 
 # --------------------------------------------------------------------------- word ops
@@ -55,7 +42,7 @@ def test_insert_adds_synonyms_and_keeps_the_original_words_in_order(synonym_file
     for seed in SEEDS:
         out = op(SENTENCE, seed).split()
         assert len(out) == 12
-        assert _is_subsequence(WORDS, out)
+        assert is_subsequence(WORDS, out)
         extra = list(out)
         for word in WORDS:
             extra.remove(word)
@@ -111,7 +98,7 @@ def test_synonym_ops_use_wordnet_without_a_file(monkeypatch):
     outs = {SynonymSubstitute(aug_p=0.25)(text, seed) for seed in range(12)}
     assert outs == {"the auto is fast", "the motor car is fast", "the railcar is fast", "the car is quick"}
     inserted = SynonymInsert(aug_p=0.25)(text, 0).split()
-    assert len(inserted) == 5 and _is_subsequence(text.split(), inserted)
+    assert len(inserted) == 5 and is_subsequence(text.split(), inserted)
 
 
 def test_missing_wordnet_data_says_how_to_install_it(monkeypatch, tmp_path):

@@ -16,11 +16,8 @@ from torch import nn
 from transferkit.backbones import factory
 from transferkit.backbones.factory import DataConfig
 from transferkit.errors import CheckpointError
-from transferkit.pipelines.rundir import RunDir, safe_load
+from transferkit.pipelines.rundir import CHECKPOINT_META, RunDir, safe_load
 from transferkit.pipelines.settings import FitConfig
-
-META_KEY = "transferkit"  # the key ImageClassifier.on_save_checkpoint writes
-
 
 def run_config(run: RunDir) -> FitConfig:
     return FitConfig.build(run.read_config()["fit"], source=str(run.config))
@@ -38,7 +35,7 @@ class Blueprint:
 
     @classmethod
     def of_checkpoint(cls, ckpt: dict, path: Path, plugin: str | None = None) -> "Blueprint":
-        meta = ckpt.get(META_KEY)
+        meta = ckpt.get(CHECKPOINT_META)
         if not isinstance(meta, dict) or "classes" not in meta:
             raise CheckpointError(f"{path} does not describe its model (no `transferkit` metadata); it was"
                                   " written by an older transferkit: load it from its run directory with"

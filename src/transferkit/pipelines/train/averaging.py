@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel
 
-from transferkit.pipelines.rundir import atomic_torch_save
+from transferkit.pipelines.rundir import CHECKPOINT_META, atomic_torch_save
 from transferkit.pipelines.train.module import first_per_index
 from transferkit.pipelines.train.schedule import Schedule
 
@@ -302,7 +302,8 @@ class SWACallback(_OncePerEpoch):
             log.info("SWA: recomputed the statistics of %d BatchNorm layers", count)
         state = {self._prefix + k: v.detach().cpu() for k, v in self.average.module.state_dict().items()}
         atomic_torch_save({"state_dict": state, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
-                           "swa_epochs": list(self.averaged_epochs)}, self.path)
+                           "swa_epochs": list(self.averaged_epochs),
+                           CHECKPOINT_META: getattr(pl_module, "meta", {})}, self.path)
         log.info("SWA: averaged the weights of epochs %s into %s", self.averaged_epochs, self.path)
 
     def state_dict(self) -> dict:

@@ -20,10 +20,8 @@ from transferkit.backbones.groups import LayerGroups
 from transferkit.backbones.strategies import Plan, apply_plan, param_groups, set_frozen_eval
 from transferkit.errors import TrainingDiverged
 from transferkit.pipelines.data.features import pre_logits
+from transferkit.pipelines.rundir import CHECKPOINT_META
 from transferkit.pipelines.train.schedule import Schedule
-
-CHECKPOINT_META = "transferkit"  # the key of a checkpoint's self-description
-
 
 @dataclass(frozen=True)
 class Optim:

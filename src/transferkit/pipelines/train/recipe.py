@@ -134,7 +134,8 @@ def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool
     plan, clean = choose_plan(cfg, backbone, split, pixels, saved=saved, measure=rank0, progress=progress)
     schedule = make_schedule(cfg, plan)
     module = make_module(cfg, backbone, plan, schedule, split.classes)
-    feature_ok = features_exact(cfg, module, split, pixels)
+    # only freeze and lp-ft read features (auto may turn out freeze, on a rank that has not measured)
+    feature_ok = cfg.finetune in ("auto", "freeze", "lp-ft") and features_exact(cfg, module, split, pixels)
     module.phases = phases_for(cfg, plan, schedule, feature_ok)
     data = make_data(cfg, run, split, pixels, module, clean, progress)
     if saved is None and rank0:

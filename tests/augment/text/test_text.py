@@ -13,21 +13,8 @@ from transferkit.augment.text import (
 )
 from transferkit.errors import ConfigError
 
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
-SENTENCE = " ".join(WORDS)
-SEEDS = range(8)
-
-
-def _is_subsequence(short: list[str], long: list[str]) -> bool:
-    remaining = iter(long)
-    return all(word in remaining for word in short)
-
-
-@pytest.fixture
-def synonym_file(tmp_path):
-    path = tmp_path / "synonyms.txt"
-    path.write_text("# groups of synonyms\nalpha, first\nBravo\tsecond\tdeuxieme\n\nlonely\n", encoding="utf-8")
-    return path
+from _texts import SENTENCE
+from _texts import synonym_file  # noqa: F401 - a fixture
 
 
 # --------------------------------------------------------------------------- word ops
