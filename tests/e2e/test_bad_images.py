@@ -220,11 +220,14 @@ def test_a_file_that_breaks_after_the_scan_is_replaced_and_reported(tmp_path, ca
     err = capsys.readouterr().err
     reports = [ln for ln in err.splitlines() if "could not read" in ln]
     assert len(reports) == 1, err  # once, not once per epoch
-    assert str(victim) in reports[0] and "another image in its place" in reports[0]
+    assert str(victim) in reports[0] and "at training" in reports[0] and "leaving it out" in reports[0]
     assert str(victim) in {r["path"] for r in _rows(out / "splits" / "train.csv")}
     rows = _rows(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert json.loads((out / "report.json").read_text())["images"]["train"] == 20
+    skipped = {r["path"]: (r["stage"], r["reason"]) for r in _rows(out / "skipped.csv")}
+    assert skipped[str(victim)][0] == "training" and "truncated" in skipped[str(victim)][1]
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"]["train"] == 20 and report["images"]["skipped"] == 1
 
 
 def _break_load(monkeypatch, path: str) -> None:
@@ -243,16 +246,21 @@ def _break_load(monkeypatch, path: str) -> None:
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_evaluate_fails_loudly_instead_of_scoring_a_stand_in(bad_run, capsys, monkeypatch, workers):
+def test_evaluate_leaves_out_a_file_that_breaks_instead_of_scoring_a_stand_in(bad_run, capsys, monkeypatch,
+                                                                            workers):
     _, _, _, out, _ = bad_run
-    victim = _rows(out / "splits" / "val.csv")[0]["path"]
-    before = (out / "evaluation.json").exists()
+    val = _rows(out / "splits" / "val.csv")
+    victim = val[0]["path"]
     _break_load(monkeypatch, victim)
-    assert main(["evaluate", str(out), "--workers", workers]) == 2
-    line = _error_line(capsys.readouterr().err)
-    assert f"{victim} could not be read (image file is truncated" in line
-    assert "restore the file" in line
-    assert (out / "evaluation.json").exists() == before
+    assert main(["evaluate", str(out), "--workers", workers]) == 0
+    err = capsys.readouterr().err  # (a worker process's own warning goes to the real stderr)
+    assert f"left 1 unreadable image(s) out of the evaluation, e.g. {victim} (image file is truncated" in err
+    body = json.loads((out / "evaluation.json").read_text())
+    assert body["results"][0]["count"] == len(val) - 1
+    assert body["skipped"] == [{"path": victim, "stage": "evaluate val",
+                                "reason": "image file is truncated (12 bytes not processed)"}]
+    skipped = {r["path"]: r["stage"] for r in _rows(out / "skipped.csv")}
+    assert skipped[victim] == "evaluate val" and len(skipped) == 9  # the scan's 8, and this one
 
 
 def test_predict_marks_an_unreadable_file_in_its_row_and_predicts_the_rest(bad_run, tmp_path, capsys,
@@ -298,10 +306,10 @@ def test_a_val_file_that_breaks_before_the_final_evaluation_is_listed_and_the_ru
     monkeypatch.setattr(recipe, "write_report", break_then_report)
     assert main(["fit", str(data), "--out", str(out), "--epochs", "1", "--finetune", "full", *FAST]) == 0
     victim = _rows(out / "splits" / "val.csv")[1]["path"]
-    skipped = {r["path"]: r["reason"] for r in _rows(out / "skipped.csv")}
-    assert skipped[victim] == "unreadable at the final evaluation"
+    skipped = {r["path"]: (r["stage"], r["reason"]) for r in _rows(out / "skipped.csv")}
+    assert skipped[victim] == ("final evaluation", "image file is truncated (12 bytes not processed)")
     report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["count"] == len(_rows(out / "splits" / "val.csv")) - 1
     assert report["images"]["skipped"] == len(skipped)
     assert (out / "plots" / "confusion.png").is_file()
-    assert "left 1 val image(s) out of the final evaluation" in capsys.readouterr().err
+    assert "1 file(s) could not be read after the scan and were left out" in capsys.readouterr().err

@@ -42,6 +42,7 @@ class RunDir:
     report = property(lambda self: self.path / "report.json")
     evaluation = property(lambda self: self.path / "evaluation.json")
     plots = property(lambda self: self.path / "plots")
+    failures = property(lambda self: self.path / ".failures")  # see data/failures.py
 
     def checkpoint(self, name: str = "best") -> Path:
         return self.checkpoints / f"{name}.ckpt"
@@ -72,6 +73,7 @@ class RunDir:
             # (a stale splits/test.csv would be evaluated as if it were the new data's).
             stale = [run.metrics, run.report, run.evaluation, run.skipped]
             stale += list(run.splits.glob("*.csv")) + list(run.plots.glob("*.png"))
+            stale += list(run.failures.glob("*.jsonl")) if run.failures.is_dir() else []
             for f in stale:
                 f.unlink(missing_ok=True)
         try:

@@ -18,28 +18,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.pipelines.data.datasets import EpochSampler, ImageDataset, Sample, ShardSampler, drop_tiny_last
+from transferkit.pipelines.data.failures import FailureLog
 from transferkit.pipelines.data.features import FeatureDataset
 
 
 @dataclass(frozen=True)
 class FeatureCache:
-    """Frozen features ``(views, n, d)`` of the training split and ``(1, n, d)`` of validation."""
+    """Frozen features ``(views, n, d)`` of the training split and ``(1, n, d)`` of validation,
+    and the samples whose files could be read (None: all)."""
 
     train: torch.Tensor
     val: torch.Tensor
+    train_rows: list[int] | None = None
+    val_rows: list[int] | None = None
 
 
 class FitDataModule(pl.LightningDataModule):
     def __init__(self, train: Sequence[Sample], val: Sequence[Sample], train_transform: Callable,
                  eval_transform: Callable, *, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
                  run_path: Path | None = None, reads_features: Callable[[int], bool] = lambda epoch: False,
-                 build_cache: Callable[[torch.device, int, Path], FeatureCache] | None = None):
+                 build_cache: Callable[[torch.device, int, Path], FeatureCache] | None = None,
+                 failures: FailureLog | None = None):
         super().__init__()
         self.train_samples, self.val_samples = list(train), list(val)
-        self.train_ds = ImageDataset(train, train_transform, replace_failed=True)
+        self.train_ds = ImageDataset(train, train_transform, replace_failed=True, stage="training",
+                                     failures=failures)
         # A replaced validation image returns its stand-in's index, and the classifier counts
         # each index once: the broken file drops out of val metrics instead of ending the run.
-        self.val_ds = ImageDataset(val, eval_transform, replace_failed=True)
+        self.val_ds = ImageDataset(val, eval_transform, replace_failed=True, stage="validation", failures=failures)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.reads_features = reads_features
         self._build_cache = build_cache
@@ -78,7 +84,8 @@ class FitDataModule(pl.LightningDataModule):
         rank, world, epoch = self._place()
         g = torch.Generator()
         if self.reads_features(epoch):
-            ds = FeatureDataset(self._features().train, [s.label for s in self.train_samples])
+            cache = self._features()
+            ds = FeatureDataset(cache.train, [s.label for s in self.train_samples], cache.train_rows)
             sampler = EpochSampler(ds.n, self.seed, g, epoch, rank=rank, world=world, views=ds.views)
             workers = 0  # rows of a tensor: a worker process only adds its start-up
         else:
@@ -90,7 +97,8 @@ class FitDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         rank, world, epoch = self._place()
         if self.reads_features(epoch):
-            ds = FeatureDataset(self._features().val, [s.label for s in self.val_samples])
+            cache = self._features()
+            ds = FeatureDataset(cache.val, [s.label for s in self.val_samples], cache.val_rows)
             return self._loader(ds, ShardSampler(len(ds), rank, world), batch_size=max(self.batch_size, 256),
                                 workers=0)
         return self._loader(self.val_ds, ShardSampler(len(self.val_ds), rank, world))

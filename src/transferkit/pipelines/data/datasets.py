@@ -1,7 +1,6 @@
 """Samples as torch Datasets, seeded samplers and the image DataModule that training reads."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -9,9 +8,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from transferkit.errors import DataError
+from transferkit.pipelines.data.failures import FailureLog
 from transferkit.pipelines.data.images import DECODE_ERRORS, describe_error, load_rgb
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,18 +22,20 @@ class ImageDataset(Dataset):
     """(image tensor, label, index) triples.
 
     A file can pass the scan and still break later (changed on disk, a decoder edge case).
-    With ``replace_failed`` (training) the epoch goes on with the next sample in its place and
-    the path is logged once. Without it (evaluation, prediction: the default) the failure is a
-    DataError naming the file, because a stand-in image would silently change the metrics or
-    the prediction written for that path.
+    With ``replace_failed`` the sample's place is taken by the next one that loads, which returns
+    its own index: training goes on, and whatever counts each index once (validation, the final
+    evaluation, ``evaluate``) leaves the broken file out instead of scoring a stand-in. The file
+    is reported to `failures` under `stage` (see ``failures.py``; with ``strict`` that stops the
+    run). Without ``replace_failed`` the failure is a DataError naming the file.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable | None = None, *,
-                 replace_failed: bool = False):
+                 replace_failed: bool = False, stage: str = "training", failures: FailureLog | None = None):
         self.samples = list(samples)
         self.transform = transform
         self.replace_failed = replace_failed
-        self.failed: set[str] = set()
+        self.stage = stage
+        self.failures = failures if failures is not None else FailureLog()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -60,11 +60,7 @@ class ImageDataset(Dataset):
                 x, y = self._load(i)
                 return x, y, i
             except DECODE_ERRORS as exc:
-                path = self.samples[i].path
-                if path not in self.failed:
-                    self.failed.add(path)
-                    log.warning("could not read %s during training (%s); using another image in its place",
-                                path, describe_error(exc))
+                self.failures.record(self.samples[i].path, self.stage, describe_error(exc))
         raise DataError(f"{min(n, 20)} images in a row failed to load, starting at {self.samples[index].path};"
                         " check the data folder")
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.pipelines.data.datasets import ImageDataset, Sample, epoch_seed
+from transferkit.pipelines.data.failures import FailureLog
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,14 @@ def _storage(shape: tuple[int, ...], path: Path | None) -> torch.Tensor:
 def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: int = 1, augment=None,
             first_view: torch.Tensor | None = None, seed: int = 0, batch_size: int = 64, workers: int = 0,
             device: str | torch.device = "cpu", cache_file: Path | None = None, progress: bool = True,
-            desc: str = "features") -> torch.Tensor:
+            desc: str = "features", failures: FailureLog | None = None) -> torch.Tensor:
     """Features ``(views, n, d)`` of the frozen `model` over `samples`.
 
     View 0 goes through `transform` (or is `first_view`, features computed already); views
     1.. go through `augment` (default `transform`), view k drawn with torch seeded from
-    (seed, k), so the same seed gives the same cache.
+    (seed, k), so the same seed gives the same cache. A file that cannot be read is reported to
+    `failures` (stage "feature cache") and its rows hold a stand-in's features: leave them out
+    with ``FeatureDataset``'s `rows`.
     """
     from tqdm.auto import tqdm
 
@@ -75,7 +78,8 @@ def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: in
         out[0] = first_view
     try:
         for k in range(1 if first_view is not None else 0, views):
-            ds = ImageDataset(samples, transform if k == 0 else (augment or transform), replace_failed=False)
+            ds = ImageDataset(samples, transform if k == 0 else (augment or transform), replace_failed=True,
+                              stage="feature cache", failures=failures)
             torch.manual_seed(epoch_seed(seed, 10_000 + k) % 2**63)
             g = torch.Generator().manual_seed(epoch_seed(seed, 20_000 + k))
             loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, generator=g)
@@ -94,16 +98,19 @@ def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: in
 
 
 class FeatureDataset(Dataset):
-    """Rows of a (views, n, d) cache addressed as view * n + i; yields (feature, label, i)."""
+    """Rows of a (views, n, d) cache addressed as view * len(rows) + j; yields (feature, label, i)
+    for sample i = rows[j]. `rows` (default: all) leaves out samples whose file could not be read."""
 
-    def __init__(self, features: torch.Tensor, labels: Sequence[int]):
+    def __init__(self, features: torch.Tensor, labels: Sequence[int], rows: Sequence[int] | None = None):
         self.features = features
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-        self.views, self.n = features.shape[0], features.shape[1]
+        self.rows = list(range(features.shape[1])) if rows is None else list(rows)
+        self.views, self.n = features.shape[0], len(self.rows)
 
     def __len__(self) -> int:
         return self.views * self.n
 
     def __getitem__(self, flat: int):
-        view, i = divmod(flat, self.n)
+        view, j = divmod(flat, self.n)
+        i = self.rows[j]
         return self.features[view, i], self.labels[i], i

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transferkit.errors import DataError
 from transferkit.pipelines.data.datasets import Sample
+from transferkit.pipelines.data.failures import Skipped
 from transferkit.pipelines.data.images import is_image_file, probe_image
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class ScanResult:
     root: Path
     classes: list[str]
     splits: dict[str, list[Sample]]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     presplit: bool = False
 
     def counts(self, split: str) -> dict[str, int]:
@@ -43,26 +44,68 @@ class ScanResult:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except PermissionError:
+        raise DataError(f"cannot read {folder}: permission denied; give yourself read access"
+                        f" (chmod u+rx {folder}) or pass another folder") from None
+
+
+@dataclass
+class Walk:
+    """The files under a folder (path as reached, and its real path with links resolved), and
+    the sub-folders that could not be read."""
+
+    files: list[tuple[str, str]]
+    unreadable: list[str]
+
+
+def walk(folder: str | Path) -> Walk:
+    """Every file under `folder`, sorted, with its real path; hidden names are left out.
+
+    Linked folders and files are followed, each real folder once, so a link back up the tree is
+    walked once instead of at every level. Real paths are tracked from the walk itself (only a
+    link costs a ``realpath``), so that a file reached twice can be told apart from two files.
+    Strings, not Paths: Path objects cost a second per 100,000 files.
+    """
+    files: list[tuple[str, str]] = []
+    unreadable: list[str] = []
+    seen: set[str] = set()
+
+    def visit(path: str, real: str) -> None:
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            with os.scandir(path) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except PermissionError:
+            unreadable.append(path)
+            return
+        except OSError:
+            return  # vanished while walking
+        subdirs = []
+        for e in entries:
+            link = e.is_symlink()
+            target = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+            try:
+                is_dir = e.is_dir()  # follows a link
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append((e.path, target))
+            else:
+                files.append((e.path, target))
+        for sub, sub_real in subdirs:
+            visit(sub, sub_real)
+
+    visit(str(folder), os.path.realpath(folder))
+    return Walk(files, unreadable)
 
 
 def walk_files(folder: str | Path) -> list[str]:
-    """Every file under `folder`, sorted, as strings: Path objects cost a second per 100,000.
-
-    Linked folders are followed, each real folder once: a link back up the tree would
-    otherwise list its images again at every level until the path grows too long.
-    """
-    out: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames))
-    return out
+    """Every file under `folder`, sorted, as strings (see ``walk``)."""
+    return [p for p, _ in walk(folder).files]
 
 
 # Below this many files a process pool costs more to start than it saves.
@@ -113,21 +156,32 @@ def _scan_split(folder: Path, classes: list[str] | None, workers: int, progress:
             " give every split the same class sub-folders"
         )
     candidates: list[tuple[str, int]] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: list[Skipped] = []
+    owner: dict[str, tuple[str, int]] = {}  # real path -> (the path it was first reached as, its label)
     for label, d in enumerate(class_dirs):
-        for p in walk_files(d):
+        found = walk(d)
+        skipped += [Skipped(u, "scan", "permission denied (a folder)") for u in found.unreadable]
+        for p, real in found.files:
             name = os.path.basename(p)
-            if is_image_file(name):
+            if not is_image_file(name):
+                skipped.append(Skipped(p, "scan", f"not an image extension ({os.path.splitext(name)[1] or 'none'})"))
+                continue
+            first = owner.setdefault(real, (p, label))
+            if first == (p, label):
                 candidates.append((p, label))
-            elif not name.startswith("."):
-                skipped.append((p, f"not an image extension ({os.path.splitext(name)[1] or 'none'})"))
+            elif first[1] == label:
+                skipped.append(Skipped(p, "scan", f"the same file as {first[0]}"))
+            else:
+                raise DataError(f"{real} is in two classes, as {first[0]} ({names[first[1]]}) and as {p}"
+                                f" ({names[label]}); a file under two classes trains with both labels:"
+                                " remove one of the links")
     reasons = _probe_all([p for p, _ in candidates], workers, progress)
     samples = []
     for (p, label), reason in zip(candidates, reasons):
         if reason is None:
             samples.append(Sample(p, label))
         else:
-            skipped.append((p, reason))
+            skipped.append(Skipped(p, "scan", reason))
     return names, samples, sorted(skipped)
 
 
@@ -145,7 +199,7 @@ def scan_folder(root: str | Path, *, workers: int | None = None, progress: bool 
     workers = workers or min(8, os.cpu_count() or 1)
     presplit = (root / "train").is_dir() and (root / "val").is_dir()
     splits: dict[str, list[Sample]] = {}
-    skipped: list[tuple[str, str]] = []
+    skipped: list[Skipped] = []
     if presplit:
         classes, splits["train"], sk = _scan_split(root / "train", None, workers, progress)
         skipped += sk
@@ -169,14 +223,17 @@ def scan_folder(root: str | Path, *, workers: int | None = None, progress: bool 
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         folder = (root / "train" if presplit else root) / empty[0]
-        left = [(p, r) for p, r in skipped if p.startswith(str(folder) + os.sep)]
-        why = f" ({len(left)} file(s) left out, e.g. {left[0][0]}: {left[0][1]})" if left else ""
+        if any(s.path == str(folder) for s in skipped):
+            raise DataError(f"cannot read class folder {folder}: permission denied; give yourself read"
+                            f" access (chmod u+rx {folder}) or remove the folder")
+        left = [s for s in skipped if s.path.startswith(str(folder) + os.sep)]
+        why = f" ({len(left)} file(s) left out, e.g. {left[0].path}: {left[0].reason})" if left else ""
         raise DataError(f"class {empty[0]!r} has no usable images in {folder}{why}; add images or"
                         " remove the folder")
     if presplit and not splits["val"]:
         raise DataError(f"{root / 'val'} has no usable images; add validation images or drop val/")
     if skipped:
-        first = "; ".join(f"{p} ({r})" for p, r in skipped[:3])
+        first = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:3])
         if strict:
             raise DataError(f"{len(skipped)} unusable file(s) in {root}, e.g. {first};"
                             " fix or remove them, or run without --strict to leave them out")

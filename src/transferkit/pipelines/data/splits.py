@@ -1,4 +1,4 @@
-"""The split files of a run: ``splits/<split>.csv`` (path,label) and ``skipped.csv`` (path,reason)."""
+"""The split files of a run: ``splits/<split>.csv`` (path,label) and ``skipped.csv`` (path,stage,reason)."""
 from __future__ import annotations
 
 import csv
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transferkit.errors import DataError
 from transferkit.pipelines.data.datasets import Sample
+from transferkit.pipelines.data.failures import Skipped
 from transferkit.pipelines.rundir import atomic_write
 
 # File names that are not valid UTF-8 reach Python as surrogate escapes; they must round-trip
@@ -39,16 +40,16 @@ def read_split_csv(path: Path, classes: Sequence[str]) -> list[Sample]:
     return [Sample(r["path"], index[r["label"]]) for r in rows]
 
 
-def write_skipped_csv(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
+def write_skipped_csv(path: Path, skipped: Sequence[Skipped]) -> None:
     with atomic_write(path, "w", **CSV_TEXT) as f:
         w = csv.writer(f)
-        w.writerow(["path", "reason"])
+        w.writerow(Skipped._fields)
         w.writerows(skipped)
 
 
-def read_skipped_csv(path: Path) -> list[tuple[str, str]]:
+def read_skipped_csv(path: Path) -> list[Skipped]:
+    """The files a run left out; a file written before stages were recorded reads as the scan's."""
     if not path.exists():
         return []
     with path.open(**CSV_TEXT) as f:
-        return [(r["path"], r["reason"]) for r in csv.DictReader(f)]
-
+        return [Skipped(r["path"], r.get("stage") or "scan", r["reason"]) for r in csv.DictReader(f)]

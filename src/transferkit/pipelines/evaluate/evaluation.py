@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -9,8 +10,10 @@ from torch.utils.data import DataLoader
 
 from transferkit.errors import DataError
 from transferkit.pipelines.data.datasets import ImageDataset, Sample
+from transferkit.pipelines.data.failures import FailureLog
+from transferkit.pipelines.data.failures import merge as merge_skipped
 from transferkit.pipelines.data.folders import scan_folder
-from transferkit.pipelines.data.splits import read_split_csv
+from transferkit.pipelines.data.splits import read_skipped_csv, read_split_csv, write_skipped_csv
 from transferkit.pipelines.evaluate.loading import run_config
 from transferkit.pipelines.evaluate.metrics import classification_metrics
 from transferkit.pipelines.evaluate.plots import plot_confusion, plot_reliability
@@ -52,9 +55,20 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
     cfg = run_config(run)
     predictor = Predictor.for_run(run, tta, ensemble, checkpoint=checkpoint, merge=merge, accelerator=accelerator)
     samples = eval_samples(run, data, split, classes)
-    loader = DataLoader(ImageDataset(samples, predictor.transform),
-                        batch_size=predictor.images_per_batch(batch_size or cfg.batch_size), num_workers=workers)
-    probs, labels = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
+    with tempfile.TemporaryDirectory(prefix="transferkit-evaluate-") as tmp:
+        failures = FailureLog(tmp)
+        loader = DataLoader(ImageDataset(samples, predictor.transform, replace_failed=True, stage=f"evaluate {split}",
+                                         failures=failures),
+                            batch_size=predictor.images_per_batch(batch_size or cfg.batch_size), num_workers=workers)
+        probs, labels = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
+        lost = failures.entries()
+    if lost:  # left out of every metric, and listed with the run's other left-out files
+        log.warning("left %d unreadable image(s) out of the evaluation, e.g. %s (%s)", len(lost), lost[0].path,
+                    lost[0].reason)
+        write_skipped_csv(run.skipped, merge_skipped(read_skipped_csv(run.skipped), lost))
+    if len(labels) == 0:
+        raise DataError(f"none of the {len(samples)} {split} image(s) could be read, e.g. {lost[0].path}"
+                        f" ({lost[0].reason}); restore the files, or evaluate another folder")
     results = []
     for c, p in zip(predictor.combinations, probs):
         metrics = classification_metrics(p, labels, classes)
@@ -63,7 +77,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
                         "members": predictor.member_names(c), **metrics})
     best = min(range(len(results)), key=lambda i: (-results[i]["accuracy"], results[i]["nll"], i))
     body = {"run": str(run.path), "classes": classes, "split": split, "checkpoint": checkpoint, "merge": merge,
-            "best": {"tta": results[best]["tta"], "ensemble": results[best]["ensemble"]}, "results": results}
+            "best": {"tta": results[best]["tta"], "ensemble": results[best]["ensemble"]}, "results": results,
+            "skipped": [e._asdict() for e in lost]}
     run.write_json(run.evaluation, body)
     r = results[best]
     label = f"{split}, {r['tta']} / ensemble {r['ensemble']}"

@@ -182,17 +182,25 @@ class Predictor:
 
     def predict(self, loader: DataLoader, desc: str = "predicting",
                 progress: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
-        """Probabilities of every combination over ``loader`` (batches of image, label, ...)."""
+        """Probabilities of every combination over ``loader`` (batches of image, label[, index]), each
+        sample index once."""
         from tqdm.auto import tqdm
 
         out: list[list[torch.Tensor]] = [[] for _ in self.combinations]
-        labels = []
+        labels, index = [], []
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             for acc, probs in zip(out, self.merged(batch[0])):
                 acc.append(probs)
             labels.append(torch.as_tensor(batch[1]))
+            if len(batch) > 2:
+                index.append(torch.as_tensor(batch[2]))
         k = self.num_classes
         probs = [torch.cat(p).numpy() if p else np.zeros((0, k), np.float32) for p in out]
-        return probs, (torch.cat(labels).numpy() if labels else np.zeros(0, np.int64))
+        labels = torch.cat(labels).numpy() if labels else np.zeros(0, np.int64)
+        if index:  # a stand-in for a file that broke repeats its own index: count each index once
+            _, first = np.unique(torch.cat(index).numpy(), return_index=True)
+            keep = np.sort(first)
+            probs, labels = [p[keep] for p in probs], labels[keep]
+        return probs, labels
 
 

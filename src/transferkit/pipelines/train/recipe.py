@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from transferkit.backbones.strategies import DEFAULT_LAYER_DECAY, DEFAULT_LR, SC
 from transferkit.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from transferkit.pipelines.data.datamodule import FeatureCache, FitDataModule
 from transferkit.pipelines.data.datasets import ImageDataset, Sample
+from transferkit.pipelines.data.failures import FailureLog, Skipped, merge
 from transferkit.pipelines.data.features import extract, feature_batch, head_matches
 from transferkit.pipelines.data.folders import scan_folder, stratified_split
 from transferkit.pipelines.data.images import load_rgb
@@ -65,7 +67,15 @@ class Split:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
-    skipped: list[tuple[str, str]]
+    skipped: list[Skipped]
+
+    def without(self, lost: list[Skipped]) -> "Split":
+        """The split with files that broke after the scan left out, and listed."""
+        if not lost:
+            return self
+        gone = {e.path for e in lost}
+        keep = lambda samples: [s for s in samples if s.path not in gone]  # noqa: E731
+        return Split(self.classes, keep(self.train), keep(self.val), keep(self.test), merge(self.skipped, lost))
 
 
 @dataclass(frozen=True)
@@ -131,13 +141,15 @@ def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool
     split = load_split(cfg, saved, quiet=not rank0)
     backbone = load_backbone(cfg, split, saved)
     pixels = make_transforms(cfg, backbone.data_cfg, overrides)
-    plan, clean = choose_plan(cfg, backbone, split, pixels, saved=saved, measure=rank0, progress=progress)
+    plan, clean, lost = choose_plan(cfg, backbone, split, pixels, saved=saved, measure=rank0, progress=progress)
+    split = split.without(lost)
+    failures = FailureLog(run.failures, strict=cfg.strict)  # files that break from here on
     schedule = make_schedule(cfg, plan)
     module = make_module(cfg, backbone, plan, schedule, split.classes)
     # only freeze and lp-ft read features (auto may turn out freeze, on a rank that has not measured)
     feature_ok = cfg.finetune in ("auto", "freeze", "lp-ft") and features_exact(cfg, module, split, pixels)
     module.phases = phases_for(cfg, plan, schedule, feature_ok)
-    data = make_data(cfg, run, split, pixels, module, clean, progress)
+    data = make_data(cfg, run, split, pixels, module, clean, failures, progress)
     if saved is None and rank0:
         run = RunDir.create(run.path, overwrite=cfg.overwrite)
         write_run(run, cfg, split, backbone, plan, pixels, module)
@@ -146,16 +158,19 @@ def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool
         module.set_plan(d.plan)
         module.phases = phases_for(cfg, d.plan, schedule, feature_ok)
         data.run_path = Path(d.run_path)
+        failures.folder = RunDir(d.run_path).failures
 
     trainer = make_trainer(cfg, run, schedule, first=[RankZeroDecides(Decision(plan, str(run.path)), decided)],
                            bn_loader=lambda: torch.utils.data.DataLoader(  # SWA's BatchNorm statistics only
-                               ImageDataset(split.train, pixels.eval, replace_failed=True),
+                               ImageDataset(split.train, pixels.eval, replace_failed=True,
+                                            stage="SWA batch-norm statistics", failures=failures),
                                batch_size=cfg.batch_size, num_workers=data.num_workers),
                            progress=progress)
     train(trainer, module, data, run, ckpt_path=saved.checkpoint("last") if saved else None)
     if not trainer.is_global_zero:
         return None
-    return write_report(run, cfg, trainer, module, data, split, backbone, time.monotonic() - t0, progress)
+    return write_report(run, cfg, trainer, module, data, split, failures, backbone, time.monotonic() - t0,
+                        progress)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -169,7 +184,8 @@ def load_split(cfg: FitConfig, saved: RunDir | None, quiet: bool = False) -> Spl
         test_csv = saved.splits / "test.csv"
         return Split(classes, read_split_csv(saved.splits / "train.csv", classes),
                      read_split_csv(saved.splits / "val.csv", classes),
-                     read_split_csv(test_csv, classes) if test_csv.exists() else [], read_skipped_csv(saved.skipped))
+                     read_split_csv(test_csv, classes) if test_csv.exists() else [],
+                     read_skipped_csv(saved.skipped))
     scan = scan_folder(cfg.data, strict=cfg.strict, quiet=quiet, progress=not quiet)
     if scan.presplit:
         train, val = scan.splits["train"], scan.splits["val"]
@@ -200,16 +216,17 @@ def make_transforms(cfg: FitConfig, dc: factory.DataConfig, overrides: dict) -> 
 
 
 def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels, *, saved: RunDir | None,
-                measure: bool, progress: bool) -> tuple[Plan, torch.Tensor | None]:
+                measure: bool, progress: bool) -> tuple[Plan, torch.Tensor | None, list[Skipped]]:
     """The strategy: as saved in the run, as asked, or measured by the advisor (``auto``).
 
     Also returns the advisor's pooled features of the training split (the clean view of the
-    feature cache). `measure` False (ranks other than 0): a provisional plan; rank 0's arrives
-    through ``RankZeroDecides`` before training.
+    feature cache) and the files it could not read, which leave the split (their rows are left
+    out of the features). `measure` False (ranks other than 0): a provisional plan; rank 0's
+    arrives through ``RankZeroDecides`` before training.
     """
     groups = backbone.groups
     if saved is not None:
-        return Plan.from_dict(saved.read_config().get("resolved", {})["finetune"], groups), None
+        return Plan.from_dict(saved.read_config().get("resolved", {})["finetune"], groups), None, []
     decay = cfg.layer_decay if cfg.layer_decay is not None else (1.0 if cfg.from_scratch else DEFAULT_LAYER_DECAY)
 
     def rate(strategy: str, suggested: float | None = None) -> float:
@@ -218,28 +235,37 @@ def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels
 
     if cfg.finetune != "auto":
         return make_plan(cfg.finetune, groups, cfg.trainable_groups, f"--finetune {cfg.finetune}",
-                         lr=rate(cfg.finetune), layer_decay=decay), None
+                         lr=rate(cfg.finetune), layer_decay=decay), None, []
     if cfg.from_scratch:
         return make_plan("full", groups, reason="random weights (--no-pretrained): nothing pretrained to keep -> full",
-                         lr=rate("full"), layer_decay=decay), None
+                         lr=rate("full"), layer_decay=decay), None, []
     if not measure:
         return make_plan("full", groups, reason="provisional: rank 0 measures", lr=rate("full"),
-                         layer_decay=decay), None
-    advice, feats = advice_for(backbone.model, groups, split.train, pixels.eval, batch_size=feature_batch(cfg.batch_size),
-                               workers=default_workers() if cfg.workers is None else cfg.workers, seed=cfg.seed,
-                               device=choose_device(cfg.accelerator), progress=progress)
+                         layer_decay=decay), None, []
+    with tempfile.TemporaryDirectory(prefix="transferkit-advisor-") as tmp:  # the run folder is not made yet
+        seen = FailureLog(tmp, strict=cfg.strict)
+        advice, feats = advice_for(backbone.model, groups, split.train, pixels.eval,
+                                   batch_size=feature_batch(cfg.batch_size),
+                                   workers=default_workers() if cfg.workers is None else cfg.workers, seed=cfg.seed,
+                                   device=choose_device(cfg.accelerator), progress=progress, failures=seen)
+        lost = seen.entries()
+    if lost:
+        gone = {e.path for e in lost}
+        feats = feats[[i for i, s in enumerate(split.train) if s.path not in gone]]
     log.info(advice.summary())
     plan = make_plan(advice.strategy, groups, advice.trainable_groups or cfg.trainable_groups, "; ".join(advice.reasons),
                      lr=rate(advice.strategy, advice.lr), layer_decay=decay, advice=advice.to_dict())
-    return plan, feats
+    return plan, feats, lost
 
 
 def advice_for(model, groups: LayerGroups, samples: list[Sample], transform, *, batch_size: int = 64,
                workers: int = 0, seed: int = 0, device: str | torch.device = "cpu",
-               progress: bool = True) -> tuple[Advice, torch.Tensor]:
+               progress: bool = True, failures: FailureLog | None = None) -> tuple[Advice, torch.Tensor]:
     """Measure `samples` with the frozen `model` and decide; also return the pooled features
-    (fit reuses them as the clean view of its feature cache)."""
-    loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, num_workers=workers)
+    (fit reuses them as the clean view of its feature cache). A file that cannot be read is
+    reported to `failures` (stage "advisor") and measured through a stand-in."""
+    loader = DataLoader(ImageDataset(samples, transform, replace_failed=True, stage="advisor", failures=failures),
+                        batch_size=batch_size, num_workers=workers)
     m, feats, _ = measure_with_features(model, loader, seed=seed, device=device, progress=progress)
     return decide(m, num_groups=len(groups), group_labels=groups.labels), torch.from_numpy(feats)
 
@@ -286,7 +312,7 @@ def checkpoint_meta(cfg: FitConfig, backbone: Backbone, classes: list[str]) -> d
 
 
 def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module: ImageClassifier,
-              clean: torch.Tensor | None, progress: bool) -> FitDataModule:
+              clean: torch.Tensor | None, failures: FailureLog, progress: bool) -> FitDataModule:
     workers = default_workers() if cfg.workers is None else cfg.workers
     batch = feature_batch(cfg.batch_size)
 
@@ -295,7 +321,8 @@ def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module:
         One (views, n, d) store, memory-mapped when large, in this rank's folder of the run."""
         t = time.monotonic()
         folder = run_path / "cache" / f"rank{rank}"
-        kw = dict(seed=cfg.seed, batch_size=batch, workers=workers, progress=progress, device=device)
+        kw = dict(seed=cfg.seed, batch_size=batch, workers=workers, progress=progress, device=device,
+                  failures=failures)
         train = extract(module.model, split.train, pixels.eval, views=cfg.cache_views, augment=pixels.train,
                         first_view=clean if clean is not None and rank == 0 else None,
                         cache_file=folder / "train.npy", desc="frozen features: train", **kw)
@@ -303,11 +330,14 @@ def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module:
                       desc="frozen features: val", **kw)
         log.info("cached frozen features of %d train images x %d view(s) and %d val images in %.1f s",
                  len(split.train), train.shape[0], len(split.val), time.monotonic() - t)
-        return FeatureCache(train, val)
+        bad = {e.path for e in failures.entries("feature cache")}
+        rows = lambda samples: [i for i, s in enumerate(samples) if s.path not in bad] if bad else None  # noqa: E731
+        return FeatureCache(train, val, rows(split.train), rows(split.val))
 
     data = FitDataModule(split.train, split.val, pixels.train, pixels.eval, batch_size=cfg.batch_size,
                          num_workers=workers, seed=cfg.seed, run_path=run.path,
-                         reads_features=lambda epoch: module.phases.reads_features(epoch), build_cache=build_cache)
+                         reads_features=lambda epoch: module.phases.reads_features(epoch), build_cache=build_cache,
+                         failures=failures)
     return data
 
 
@@ -389,7 +419,7 @@ def _interrupted(run: RunDir, what: str) -> RunInterrupted:
 
 
 def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: ImageClassifier, data: FitDataModule,
-                 split: Split, backbone: Backbone, seconds: float, progress: bool) -> dict:
+                 split: Split, failures: FailureLog, backbone: Backbone, seconds: float, progress: bool) -> dict:
     """Evaluate the best checkpoint on val in one process; write report.json and the plots.
 
     A freeze run's cached val features stand in for the images: the same numbers (checked by
@@ -401,26 +431,27 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
     module.load_state_dict(safe_load(best)["state_dict"])
     model = backbone.model
     if module.plan.strategy == "freeze" and data.cache is not None:
+        rows = data.cache.val_rows if data.cache.val_rows is not None else list(range(len(split.val)))
         with torch.inference_mode():
             clf = model.eval().get_classifier().cpu()
-            probs = torch.softmax(clf(data.cache.val[0]), -1).numpy()
-        labels = np.array([s.label for s in split.val])
+            probs = torch.softmax(clf(data.cache.val[0][rows]), -1).numpy()
+        labels = np.array([split.val[i].label for i in rows])
     else:
-        # A file that breaks now (it passed the scan and training) is left out and listed, not fatal:
-        # its stand-in's row repeats an index, and each index counts once.
-        loader = DataLoader(ImageDataset(split.val, data.val_ds.transform, replace_failed=True),
+        # A file that breaks now is left out (its stand-in's row repeats an index; each index
+        # counts once) and listed, not fatal.
+        loader = DataLoader(ImageDataset(split.val, data.val_ds.transform, replace_failed=True,
+                                         stage="final evaluation", failures=failures),
                             batch_size=cfg.batch_size, num_workers=data.num_workers)
         probs, labels, index = predict_proba(model, loader, choose_device(cfg.accelerator),
                                              desc="evaluating best checkpoint", progress=progress)
         _, first = np.unique(index, return_index=True)
         probs, labels = probs[np.sort(first)], labels[np.sort(first)]
-        lost = [split.val[i].path for i in sorted(set(range(len(split.val))) - set(index.tolist()))]
-        if lost:
-            log.warning("left %d val image(s) out of the final evaluation (unreadable now), e.g. %s", len(lost),
-                        lost[0])
-            split = Split(split.classes, split.train, split.val, split.test,
-                          [*split.skipped, *((p, "unreadable at the final evaluation") for p in lost)])
-            write_skipped_csv(run.skipped, split.skipped)
+    lost = failures.entries()
+    if lost:
+        log.warning("%d file(s) could not be read after the scan and were left out, e.g. %s (%s: %s); all are"
+                    " listed in %s", len(lost), lost[0].path, lost[0].stage, lost[0].reason, run.skipped)
+    split = Split(split.classes, split.train, split.val, split.test, merge(split.skipped, lost))
+    write_skipped_csv(run.skipped, split.skipped)
     metrics = classification_metrics(probs, labels, split.classes)
     es = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
     mc = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
