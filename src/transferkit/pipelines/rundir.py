@@ -6,6 +6,8 @@
     RUN/checkpoints/{best,last}.ckpt
     RUN/metrics.csv          one row per epoch
     RUN/report.json, RUN/evaluation.json, RUN/plots/*.png
+    RUN/.lock                held by the process training the run
+    RUN/.failures/           files that broke after the scan, until skipped.csv lists them
 """
 from __future__ import annotations
 
@@ -21,17 +23,24 @@ from typing import Any
 import torch
 import yaml
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs are not locked there
+    fcntl = None
+
 from transferkit.errors import CheckpointError, RunDirError, refused_global
 
 log = logging.getLogger(__name__)
 
 # The key under which every checkpoint describes its own model (see evaluate/loading.py).
 CHECKPOINT_META = "transferkit"
+LOCK_NAME = ".lock"
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
     config = property(lambda self: self.path / "config.yaml")
     classes_json = property(lambda self: self.path / "classes.json")
@@ -50,22 +59,85 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.config.exists() or self.checkpoints.exists()
 
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.ckpt"))
+
     def check_creatable(self, overwrite: bool = False) -> None:
-        """Raise the one-line error ``create`` would raise, before any work is done."""
+        """Raise the one-line error ``create`` would raise, before any work is done.
+
+        A run that stopped before its first checkpoint holds nothing worth keeping: the same
+        command reuses its folder without --overwrite.
+        """
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file; pass a folder for the run")
-        if self.holds_run() and not overwrite:
+        if self.holds_run() and self.has_checkpoints() and not overwrite:
             raise RunDirError(f"{self.path} already holds a run; pass --overwrite to replace it, a new"
                               " --out, or --resume to continue it")
-        if not self.holds_run() and self.path.is_dir() and any(self.path.iterdir()):
+        ours = {LOCK_NAME, self.failures.name}
+        if not self.holds_run() and self.path.is_dir() and any(p.name not in ours for p in self.path.iterdir()):
             # --overwrite replaces a run, never someone else's files
             raise RunDirError(f"--out {self.path} holds files but no transferkit run; pass an empty or new folder"
                               " for the run")
 
+    def lock(self) -> "RunDir":
+        """Hold the run for this process (an exclusive ``flock`` on ``RUN/.lock``, let go when the
+        process ends however it ends), so that a second fit or resume into it refuses cleanly."""
+        if self._lock_fd is not None or fcntl is None:
+            return self
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run directory {self.path} ({exc.strerror or exc});"
+                              " pass an --out folder you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.path} is in use by another transferkit process (pid {holder}); wait for"
+                              " it to finish, or pass another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor lets go of the lock
+            self._lock_fd = None
+
+    def resumable(self) -> Path | None:
+        """The newest checkpoint that holds a whole training state (weights, optimizer, loops), or
+        None: ``last.ckpt`` normally, ``best.ckpt`` when the last write failed (a full disk)."""
+        found = []
+        for path in sorted(self.checkpoints.glob("*.ckpt")) if self.checkpoints.is_dir() else []:
+            try:
+                ckpt = safe_load(path, mmap=True)
+            except CheckpointError as exc:
+                if str(exc).startswith("refusing"):
+                    raise  # a checkpoint that would run code is an alarm, not a candidate
+                log.warning("%s; not resuming from it", exc)
+                continue
+            if isinstance(ckpt, dict) and {"loops", "optimizer_states", "state_dict"} <= set(ckpt):
+                found.append((ckpt.get("global_step", 0), ckpt.get("epoch", 0), path.name == "last.ckpt", path))
+        return max(found)[3] if found else None
+
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> "RunDir":
-        run = cls(path)
+        """The run folder, held by this process (``lock``), emptied of any earlier run."""
+        return cls(path).make(overwrite)
+
+    def make(self, overwrite: bool = False) -> "RunDir":
+        """``create`` on this RunDir (so that whoever holds it can ``release`` it)."""
+        run = self
         run.check_creatable(overwrite)
+        run.lock()
+        try:
+            run.check_creatable(overwrite)  # again: another process may have written a run meanwhile
+        except RunDirError:
+            run.release()
+            raise
         if run.holds_run():
             for f in (run.checkpoints.glob("*.ckpt") if run.checkpoints.exists() else []):
                 f.unlink()
@@ -224,8 +296,9 @@ def _fsync_dir(folder: Path) -> None:
         pass
 
 
-def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain data only, never code."""
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain data only, never code
+    (`mmap`: tensors stay on disk until read, for a look at the metadata)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; pass a .ckpt file (a run keeps them in"
@@ -234,7 +307,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train with `transferkit fit` first")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         if refused := refused_global(exc):

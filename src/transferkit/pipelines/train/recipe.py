@@ -118,16 +118,34 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
 def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
     """Continue an interrupted run from its last complete epoch, with its own config and splits."""
     run = RunDir.open(run_dir)
-    if not run.checkpoint("last").exists():
-        raise CheckpointError(f"{run.checkpoint('last')} does not exist: no epoch of this run finished;"
-                              f" start it again with `transferkit fit --config {run.config} --overwrite`")
+    cfg = FitConfig.build({**run.read_config()["fit"], "out": str(run.path)}, source=str(run.config))
+    if launched_as_rank_zero():
+        run.lock()
+    ckpt = run.resumable()
+    if ckpt is None:
+        run.release()
+        if run.has_checkpoints():
+            raise CheckpointError(f"no checkpoint in {run.checkpoints} holds a whole training state (the files"
+                                  " there cannot be read, or hold weights only); evaluate them, or train again")
+        raise CheckpointError(f"no epoch of {run.path} finished, so there is nothing to resume; run the same"
+                              f" `transferkit fit` command again (or `transferkit fit --config {run.config}`):"
+                              " it reuses the folder")
+    if ckpt != run.checkpoint("last"):
+        log.warning("%s is missing or incomplete; resuming from %s", run.checkpoint("last"), ckpt)
     for stale in run.checkpoints.glob(".*.tmp"):
         stale.unlink()  # a write cut short by a kill; the complete file it was replacing is intact
-    cfg = FitConfig.build({**run.read_config()["fit"], "out": str(run.path)}, source=str(run.config))
-    return _recipe(cfg, run, saved=run, progress=progress)
+    return _recipe(cfg, run, saved=run, progress=progress, ckpt=ckpt)
 
 
-def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool) -> dict | None:
+def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
+            ckpt: Path | None = None) -> dict | None:
+    try:
+        return _steps(cfg, run, saved=saved, progress=progress, ckpt=ckpt)
+    finally:
+        run.release()
+
+
+def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool, ckpt: Path | None) -> dict | None:
     t0 = time.monotonic()
     rank0 = launched_as_rank_zero()
     check_devices(cfg)
@@ -151,7 +169,7 @@ def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool
     module.phases = phases_for(cfg, plan, schedule, feature_ok)
     data = make_data(cfg, run, split, pixels, module, clean, failures, progress)
     if saved is None and rank0:
-        run = RunDir.create(run.path, overwrite=cfg.overwrite)
+        run.make(overwrite=cfg.overwrite)
         write_run(run, cfg, split, backbone, plan, pixels, module)
 
     def decided(d: Decision) -> None:  # the same on every rank once rank 0's decision arrives
@@ -166,7 +184,7 @@ def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool
                                             stage="SWA batch-norm statistics", failures=failures),
                                batch_size=cfg.batch_size, num_workers=data.num_workers),
                            progress=progress)
-    train(trainer, module, data, run, ckpt_path=saved.checkpoint("last") if saved else None)
+    train(trainer, module, data, run, ckpt_path=ckpt)
     if not trainer.is_global_zero:
         return None
     return write_report(run, cfg, trainer, module, data, split, failures, backbone, time.monotonic() - t0,
@@ -411,8 +429,8 @@ def _diverged(run: RunDir, exc: TrainingDiverged) -> TrainingDiverged:
 def _interrupted(run: RunDir, what: str) -> RunInterrupted:
     last = run.checkpoint("last")
     if not last.exists():
-        return RunInterrupted(f"stopped by {what} before the first epoch finished; nothing to resume,"
-                              f" start again with `transferkit fit --config {run.config} --overwrite`")
+        return RunInterrupted(f"stopped by {what} before the first epoch finished; nothing to resume: run the"
+                              " same `transferkit fit` command again, which reuses the folder")
     epoch = safe_load(last).get("epoch", 0) + 1
     return RunInterrupted(f"stopped by {what}; {last} holds the {epoch} complete epoch(s); continue with"
                           f" `transferkit fit --resume {run.path}`")
