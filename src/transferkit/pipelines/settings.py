@@ -164,27 +164,53 @@ class FitConfig:
             raise ConfigError(f"config file {path} is a folder; pass the config.yaml of a run (e.g."
                               f" {path / 'config.yaml'})")
         try:
-            body = yaml.safe_load(path.read_text())
+            body = yaml.load(path.read_text(), Loader=_unique_keys_loader())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; pass the config.yaml of a run") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} cannot be read ({getattr(exc, 'strerror', None) or exc})")\
                 from None
+        except _DuplicateKey as exc:
+            raise ConfigError(f"config file {path} gives {exc} twice; keep one of them") from None
         except yaml.YAMLError as exc:
             first = " ".join(str(exc).split())[:200]
             raise ConfigError(f"config file {path} is not valid YAML ({first})") from None
+        if body is None:
+            raise ConfigError(f"config file {path} is empty; pass the config.yaml of a run")
         if not isinstance(body, dict):
-            raise ConfigError(f"config file {path} is not a mapping of settings (it holds a"
-                              f" {type(body).__name__}); pass the config.yaml of a run")
+            raise ConfigError(f"config file {path} is not a mapping of settings (it holds {_a_type(body)});"
+                              " pass the config.yaml of a run")
         settings = body.get("fit", body)
         if not isinstance(settings, dict):
-            raise ConfigError(f"config file {path}: `fit:` holds a {type(settings).__name__}, not a mapping of"
+            raise ConfigError(f"config file {path}: `fit:` holds {_a_type(settings)}, not a mapping of"
                               " settings; pass the config.yaml of a run")
         return settings
 
     @classmethod
     def load(cls, path: str | Path) -> "FitConfig":
         return cls.build(cls.read(path), source=str(path))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error: PyYAML would
+    silently keep the last, so `epochs: 2` followed by `epochs: 3` would train for 3."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def default_out(backbone: str) -> str:

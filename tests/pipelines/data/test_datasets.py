@@ -1,10 +1,11 @@
-"""ImageDataset: a file that breaks after the scan is replaced in training, an error in evaluation."""
+"""ImageDataset: a file that breaks after the scan is replaced and reported with its stage, or an error."""
 from __future__ import annotations
 
 import pytest
 
 from transferkit.errors import DataError
 from transferkit.pipelines.data.datasets import ImageDataset, Sample, drop_tiny_last
+from transferkit.pipelines.data.failures import FailureLog
 
 
 def test_training_replaces_a_broken_file_once_evaluation_names_it(color_folder, tmp_path, caplog):
@@ -12,10 +13,13 @@ def test_training_replaces_a_broken_file_once_evaluation_names_it(color_folder, 
     broken = tmp_path / "broken.png"
     broken.write_bytes(good[0].read_bytes()[:60])
     samples = [Sample(str(broken), 0), Sample(str(good[1]), 1)]
-    train = ImageDataset(samples, replace_failed=True)
+    failures = FailureLog(tmp_path / "failures")
+    train = ImageDataset(samples, replace_failed=True, stage="validation", failures=failures)
     (_, label, index), again = train[0], train[0]
-    assert (label, index) == (1, 1) and again[2] == 1
-    assert caplog.text.count(f"could not read {broken}") == 1  # reported once, not at every epoch
+    assert (label, index) == (1, 1) and again[2] == 1  # the stand-in returns its own index
+    assert caplog.text.count(f"could not read {broken} at validation") == 1  # reported once, not at every epoch
+    [entry] = failures.entries()
+    assert (entry.path, entry.stage) == (str(broken), "validation") and "truncated" in entry.reason
     with pytest.raises(DataError, match=f"{broken} could not be read"):
         ImageDataset(samples)[0]
 

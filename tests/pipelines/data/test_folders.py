@@ -107,3 +107,19 @@ def test_truncated_jpeg_is_caught_at_scan(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     assert "cannot decode" in probe_image(path)
+
+
+def test_walk_gives_real_paths_and_visits_a_linked_folder_once(tmp_path):
+    from transferkit.pipelines.data.folders import walk
+
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    (tmp_path / "a" / "sub" / "y.png").write_bytes(b"")
+    (tmp_path / "a" / "sub" / "up").symlink_to(tmp_path / "a", target_is_directory=True)  # a loop
+    (tmp_path / "a" / "z.png").symlink_to(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / ".hidden.png").write_bytes(b"")
+    found = walk(tmp_path / "a")
+    real = str(tmp_path.resolve() / "a")
+    assert found.files == [(f"{tmp_path}/a/x.png", f"{real}/x.png"), (f"{tmp_path}/a/z.png", f"{real}/x.png"),
+                           (f"{tmp_path}/a/sub/y.png", f"{real}/sub/y.png")]
+    assert found.unreadable == []

@@ -66,9 +66,6 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
         log.warning("left %d unreadable image(s) out of the evaluation, e.g. %s (%s)", len(lost), lost[0].path,
                     lost[0].reason)
         write_skipped_csv(run.skipped, merge_skipped(read_skipped_csv(run.skipped), lost))
-    if len(labels) == 0:
-        raise DataError(f"none of the {len(samples)} {split} image(s) could be read, e.g. {lost[0].path}"
-                        f" ({lost[0].reason}); restore the files, or evaluate another folder")
     results = []
     for c, p in zip(predictor.combinations, probs):
         metrics = classification_metrics(p, labels, classes)

@@ -53,7 +53,15 @@ class RunWeights:
 
     def load(self, name: str) -> dict:
         if name not in self._loaded:
-            self._loaded[name] = safe_load(self.run.checkpoint(name))
+            path = self.run.checkpoint(name)
+            if not path.exists() and not path.is_symlink():
+                have = sorted(p.stem for p in self.run.checkpoints.glob("*.ckpt"))
+                hint = {"ema": " (a run trained with --ema keeps its EMA weights inside each checkpoint:"
+                               " use --ensemble ema)",
+                        "swa": " (train with `transferkit fit --swa` to get swa.ckpt)"}.get(name, "")
+                raise CheckpointError(f"{self.run.path} has no checkpoint {name!r} ({path} does not exist); it has"
+                                      f" {', '.join(have) or 'none'}: pass one of them with --checkpoint{hint}")
+            self._loaded[name] = safe_load(path)
         return self._loaded[name]
 
     def state_dict(self, member: Member) -> dict[str, Tensor]:

@@ -32,7 +32,7 @@ def check_devices(cfg: FitConfig) -> None:
         pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices_arg, num_nodes=cfg.num_nodes,
                    precision=cfg.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False)
-    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
+    except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as exc:  # tpu: no torch_xla
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --precision {cfg.precision}"
                           f" cannot run here: {first}") from None

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import FAST
+from _cli import error_line as _one_error_line
 from transferkit.cli.main import main
 
-FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
-        "--batch-size", "8", "--epochs", "1", "--patience", "0"]
 
 
 class _RunsCommand:
@@ -41,11 +41,6 @@ class _TouchesFile:
 PAYLOADS = {"os.system": _RunsCommand, "Path.touch": _TouchesFile}
 
 
-@pytest.fixture(autouse=True)
-def _own_run_dir_env(monkeypatch):
-    monkeypatch.delenv("TRANSFERKIT_RUN_DIR", raising=False)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from conftest import make_color_folder
@@ -53,9 +48,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("untrusted")
     data = make_color_folder(root / "data", per_class=8, size=32)
     out = root / "run"
-    os.environ.pop("TRANSFERKIT_RUN_DIR", None)
     assert main(["fit", str(data), "--out", str(out), *FAST]) == 0
-    os.environ.pop("TRANSFERKIT_RUN_DIR", None)
     return data, out
 
 
@@ -75,13 +68,6 @@ def _assert_really_hostile(path: Path, marker: Path, tmp_path: Path) -> None:
     marker.unlink()
 
 
-def _one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("transferkit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def _copy_run(out: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
@@ -95,9 +81,8 @@ def test_evaluate_refuses_a_hostile_best_checkpoint(trained, tmp_path, payload):
     marker = tmp_path / "pwned"
     _poison(run / "checkpoints" / "best.ckpt", PAYLOADS[payload], marker)
     _assert_really_hostile(run / "checkpoints" / "best.ckpt", marker, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_RUN_DIR"}
     proc = subprocess.run([sys.executable, "-m", "transferkit.cli.main", "evaluate", str(run)],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2
     line = _one_error_line(proc.stderr)
     assert f"refusing to load {run / 'checkpoints' / 'best.ckpt'}" in line

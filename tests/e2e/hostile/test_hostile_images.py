@@ -7,7 +7,6 @@ a folder linked back into itself) is trained on, each file once.
 """
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import os
@@ -18,16 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _cli import error_line as _error_line
+from _cli import rows as _rows
 from transferkit.cli.main import main
 
 FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
         "--batch-size", "8", "--patience", "0"]
-
-
-@pytest.fixture(autouse=True)
-def _own_run_dir_env(monkeypatch):
-    # `fit` exports the run directory for DDP children; keep it from leaking between tests.
-    monkeypatch.delenv("TRANSFERKIT_RUN_DIR", raising=False)
 
 
 def _noise(rng, h, w, mode="RGB"):
@@ -111,25 +106,12 @@ def _unreadable(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "open", guarded_open)
 
 
-def _rows(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-        return list(csv.DictReader(f))
-
-
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("transferkit: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     data, bad, odd, locked = _build(root)
     out = root / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TRANSFERKIT_RUN_DIR", raising=False)
         _unreadable(locked, mp)
         err_log = root / "stderr.txt"
         import sys

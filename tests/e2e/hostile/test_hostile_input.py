@@ -6,8 +6,6 @@ that no traceback or stray output escapes.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,22 +13,11 @@ import pytest
 import timm
 import torch
 
+from _cli import FAST
+from _cli import cli as _cli
+from _cli import error_line as _one_error_line
 from transferkit.cli.main import main
 
-FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
-        "--batch-size", "8", "--epochs", "1", "--patience", "0"]
-
-
-def _one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("transferkit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transferkit.cli.main", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300, check=False)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:

@@ -1,0 +1,30 @@
+"""What the hostile suite's modules share: the fast settings, the CLI in a real process, and
+the checks every case makes of what the command printed."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
+        "--batch-size", "8", "--epochs", "1", "--patience", "0"]
+
+
+def error_line(err: str) -> str:
+    """The one ``transferkit: error:`` line of `err`; fails on a traceback or on more than one."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("transferkit: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`transferkit ARGS` in a new interpreter: only a real process shows that nothing else escapes."""
+    return subprocess.run([sys.executable, "-m", "transferkit.cli.main", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout, check=False)
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
