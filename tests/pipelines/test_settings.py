@@ -21,7 +21,7 @@ def test_yaml_strings_are_not_coerced_and_the_message_names_key_value_type_and_e
         ('fit: {pretrained: "false"}', f'config {path} fit.pretrained: "false" is a string; expected true or false'),
         ('fit: {aug: "erasing.p=0.5"}', f'config {path} fit.aug: "erasing.p=0.5" is a string; expected a list of'
                                         " strings"),
-        ("fit: 5", f"config file {path}: `fit:` holds a int, not a mapping of settings"),
+        ("fit: 5", f"config file {path}: `fit:` holds an integer, not a mapping of settings"),
         ("[1, 2]", f"config file {path} is not a mapping of settings (it holds a list)"),
     ]:
         path.write_text(text)
@@ -86,3 +86,13 @@ def test_any_mapping_of_known_keys_validates_or_fails_with_config_error(values):
         return
     for f in fields(FitConfig):
         CONSTRAINTS[f.name].check(getattr(cfg, f.name), f.name)  # what passed is what the table allows
+
+
+def test_a_key_given_twice_and_an_empty_file_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("fit:\n  epochs: 2\n  epochs: 3\n")  # PyYAML alone would keep 3 without a word
+    with pytest.raises(ConfigError, match=r"gives 'epochs' \(line 3\) twice; keep one of them"):
+        FitConfig.load(path)
+    path.write_text("")
+    with pytest.raises(ConfigError, match="is empty; pass the config.yaml of a run"):
+        FitConfig.load(path)

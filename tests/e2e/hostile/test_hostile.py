@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -26,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _cli import FAST, cli, error_line, rows
+from _cli import FAST, cli, error_line, resnet_plugin, rows
 from transferkit.cli.main import main
 from transferkit.pipelines.data.datasets import ImageDataset
 from transferkit.pipelines.rundir import RunDir
@@ -534,35 +533,17 @@ def test_resume_of_a_run_held_by_another_process_is_refused(good, tmp_path, caps
 
 # A backbone whose first training step waits until the test opens a gate: the run is certainly
 # in progress (its directory written and held) while the test acts.
-GATED_PLUGIN = """
-    import os
-    import time
-
-    import timm
-    from timm.models import register_model
-
-    @register_model
-    def gated_resnet(pretrained=False, **kwargs):
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(k, None)
-        model = timm.create_model("test_resnet", pretrained=False, **kwargs)
-        plain = model.forward
-
-        def forward(x):
-            if model.training and not os.path.exists(os.environ["GATE"]):
-                open(os.environ["GATE"] + ".waiting", "w").close()
-                while not os.path.exists(os.environ["GATE"]):
-                    time.sleep(0.05)
-            return plain(x)
-
-        model.forward = forward
-        return model
+GATED_FORWARD = """
+    if model.training and not os.path.exists(os.environ["GATE"]):
+        open(os.environ["GATE"] + ".waiting", "w").close()
+        while not os.path.exists(os.environ["GATE"]):
+            time.sleep(0.05)
+    return plain(x)
 """
 
 
 def _gated(tmp_path: Path) -> tuple[list[str], dict]:
-    plugin = tmp_path / "gated.py"
-    plugin.write_text(textwrap.dedent(GATED_PLUGIN))
+    plugin = resnet_plugin(tmp_path / "gated.py", "gated_resnet", GATED_FORWARD)
     env = {**os.environ, "GATE": str(tmp_path / "gate")}
     fast = list(FAST)
     fast[fast.index("test_resnet")] = "gated_resnet"
@@ -635,3 +616,15 @@ def test_an_interrupt_before_the_first_checkpoint_leaves_a_folder_the_same_comma
                            env=env, timeout=300, check=False)
     assert again.returncode == 0, again.stderr
     assert torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 0
+
+
+def test_evaluate_with_a_checkpoint_of_another_class_count_says_so(good, tmp_path, capsys):
+    three, two = tmp_path / "three", tmp_path / "two"
+    assert main(["fit", str(good), *FAST, "--out", str(three)]) == 0
+    assert main(["fit", str(_presplit(tmp_path / "data")), *FAST, "--out", str(two)]) == 0
+    (three / "checkpoints" / "best.ckpt").write_bytes((two / "checkpoints" / "best.ckpt").read_bytes())
+    capsys.readouterr()
+    line = _fails(["evaluate", str(three)], capsys)
+    assert line.startswith(f"transferkit: error: {three / 'checkpoints' / 'best.ckpt'} does not fit this run's model"
+                           " (size mismatch for ")
+    assert line.endswith("); was it trained with other classes or another backbone?")

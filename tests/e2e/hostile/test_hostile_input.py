@@ -6,14 +6,13 @@ that no traceback or stray output escapes.
 """
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-from _cli import FAST
+from _cli import FAST, resnet_plugin
 from _cli import cli as _cli
 from _cli import error_line as _one_error_line
 from transferkit.cli.main import main
@@ -138,34 +137,19 @@ def test_a_run_directory_in_a_real_process(finished_run, folders):
     assert _snapshot(finished_run) == before
 
 
-NAN_PLUGIN = """
-    import timm
-    from timm.models import register_model
-
-    @register_model
-    def nan_after_resnet(pretrained=False, **kwargs):
-        # test_resnet whose training forward returns NaN from its 5th call on (epoch 2, step 2).
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(k, None)
-        model = timm.create_model("test_resnet", pretrained=False, **kwargs)
-        plain, calls = model.forward, [0]
-
-        def forward(x):
-            out = plain(x)
-            if model.training:
-                calls[0] += 1
-                if calls[0] > 4:
-                    out = out * float("nan")
-            return out
-
-        model.forward = forward
-        return model
+# test_resnet whose training forward returns NaN from its 5th call on (epoch 2, step 2).
+NAN_FORWARD = """
+    out = plain(x)
+    if model.training:
+        calls[0] += 1
+        if calls[0] > 4:
+            out = out * float("nan")
+    return out
 """
 
 
 def test_a_loss_that_becomes_nan_stops_with_epoch_step_and_hint(folders, tmp_path, capsys):
-    plugin = tmp_path / "nan_models.py"
-    plugin.write_text(textwrap.dedent(NAN_PLUGIN))
+    plugin = resnet_plugin(tmp_path / "nan_models.py", "nan_after_resnet", NAN_FORWARD)
     out = tmp_path / "run"
     # 24 images: 19 train in 3 steps of 8, so the 5th training step is epoch 2, step 2
     proc = _cli("fit", str(folders["good"]), "--out", str(out), *FAST, "--epochs", "3",

@@ -1,4 +1,5 @@
-"""`transferkit fit`, read top to bottom: the recipe.
+"""`transferkit fit`, read top to bottom: the recipe (lines: the steps stay in this one file on
+purpose, so that the whole fit reads in order, as torchvision's reference train.py does).
 
     split     = load_split(cfg, saved)            the images: scanned and split, or a run's saved split
     backbone  = load_backbone(cfg, ...)           the timm model, its layer groups and data config
