@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.backbones.advisor import (
-    FREEZE_HEAD_LR, FULL_HEAD_LR, PARTIAL_HEAD_LR, Measurements, bn_shift, decide,
+    FREEZE_HEAD_LR, PARTIAL_HEAD_LR, Measurements, bn_shift, decide,
     extract_features, logme, measure, measure_with_features, probe_accuracy, stage_probe)
 from transferkit.errors import BackboneError, DataError
 
@@ -137,10 +137,11 @@ def test_large_and_similar_trains_the_top_groups():
     assert "800 images per class" in advice.reasons[0] and "large" in advice.reasons[0]
 
 
-def test_large_and_different_trains_everything():
+def test_large_and_different_retrains_the_top_third():
     advice = decide(made(800, 0.60), num_groups=9)
-    assert (advice.strategy, advice.trainable_groups, advice.lr) == ("full", None, FULL_HEAD_LR)
+    assert (advice.strategy, advice.trainable_groups, advice.lr) == ("partial", 3, PARTIAL_HEAD_LR)
     assert any("normalised 0.20" in r and "different" in r for r in advice.reasons)
+    assert any("large and different -> partial: retrain the top 3 of 9 groups" in r for r in advice.reasons)
 
 
 def test_small_and_different_retrains_above_the_best_earlier_stage():
@@ -187,7 +188,7 @@ def test_borderline_similarity_is_settled_by_the_batchnorm_shift():
     # Normalised gain 0.44: between the two thresholds.
     assert decide(made(300, 0.72, bn=0.01), num_groups=6).strategy == "partial"
     shifted = decide(made(300, 0.72, bn=0.3), num_groups=6)
-    assert shifted.strategy == "full"
+    assert shifted.strategy == "partial" and any("large and different" in r for r in shifted.reasons)
     assert any("BatchNorm shift 0.300 >" in r for r in shifted.reasons)
 
 

@@ -61,13 +61,16 @@ def test_two_processes_write_one_run_and_count_each_val_image_once(data, weights
     val = _rows(run / "splits" / "val.csv")
     assert len(val) == 5
     rows = _rows(run / "metrics.csv")
-    epochs = 4 if finetune == "lp-ft" else 2  # lp-ft: 2 probe epochs, then 2 of fine-tuning
+    report = json.loads((run / "report.json").read_text())
+    # a solved head takes one epoch: all of freeze, lp-ft's probe (then 2 epochs of fine-tuning)
+    epochs = {"freeze": 1, "lp-ft": 3}.get(report["finetune"]["strategy"], 2)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(1, epochs + 1)]  # one row per epoch
+    if report["finetune"]["strategy"] in ("freeze", "lp-ft"):
+        assert report["head_solver"]["solver"] == "lbfgs"  # rank 0 solved it; rank 1 took its answer
     for r in rows:
         assert r["val_count"] == "5", rows
         assert float(r["val_acc"]) * 5 == pytest.approx(round(float(r["val_acc"]) * 5), abs=1e-4)
 
-    report = json.loads((run / "report.json").read_text())
     if finetune == "auto":
         assert report["finetune"]["advice"]["strategy"] == report["finetune"]["strategy"]
         assert proc.stderr.count("transferkit: advice: ") == 1  # measured once, by rank 0

@@ -96,3 +96,25 @@ def test_a_key_given_twice_and_an_empty_file_are_refused(tmp_path):
     path.write_text("")
     with pytest.raises(ConfigError, match="is empty; pass the config.yaml of a run"):
         FitConfig.load(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"finetune": "full"}, "head_solver= lbfgs solves the head of a frozen backbone: it applies to finetune= freeze,"
+                           " lp-ft and auto, not full; drop it"),
+    ({"mixup": 0.2}, "head_solver= lbfgs fits cached features and Mixup/CutMix mix images; use head_solver= sgd"
+                     " to mix"),
+    ({"ema": True, "snapshots": 2}, "ema=, snapshots= average(s) weights over training steps and head_solver= lbfgs"
+                                    " takes none; use head_solver= sgd"),
+    ({"cache_views": 0}, "head_solver= lbfgs needs the feature cache; drop cache_views= 0"),
+])
+def test_a_solved_head_is_refused_where_it_cannot_be_solved(extra, message):
+    with pytest.raises(ConfigError) as err:
+        FitConfig.build({"data": "d", "head_solver": "lbfgs", "finetune": "freeze", **extra})
+    assert str(err.value) == message
+
+
+def test_the_head_is_solved_by_default_unless_something_needs_steps():
+    assert FitConfig.build({"data": "d"}).solved_head
+    assert not FitConfig.build({"data": "d", "ema": True}).solved_head
+    assert not FitConfig.build({"data": "d", "head_solver": "sgd"}).solved_head
+    assert not FitConfig.build({"data": "d", "cutmix": 1.0}).solved_head

@@ -342,9 +342,9 @@ def decide(m: Measurements, *, num_groups: int, group_labels: Sequence[str] | No
     ``num_groups`` is how many layer groups the backbone has, bottom to top, the head not counted;
     ``group_labels`` (``LayerGroups.labels``), when given, place the best earlier stage among
     them by module name, else stages map onto groups by their share of the depth.
-    small & similar -> freeze; large & similar -> partial (top groups); large & different -> full;
-    small & different -> partial from the best earlier stage up when one beats the final features
-    by ``STAGE_MARGIN``, else lp-ft (fit the head on the frozen backbone, then fine-tune all).
+    small & similar -> freeze; large & similar -> partial (top groups); different -> partial from
+    the best earlier stage up when one beats the final features by ``STAGE_MARGIN``, else freeze
+    when small and partial (top groups) when large.
     """
     if num_groups < 1:
         raise ValueError(f"num_groups must be at least 1, got {num_groups}")
@@ -387,8 +387,9 @@ def _different(m: Measurements, small: bool, num_groups: int, group_labels: Sequ
 
     An earlier stage that beats the final features says the top groups are specialised to the
     pretraining task: retrain from that stage up, keep the generic lower groups. Otherwise a
-    large dataset retrains everything, and a small one keeps the frozen features, which with so
-    few images were still the best in the grid (lp-ft lost 6 to 12 points there).
+    large dataset retrains the top groups (full fine-tuning never beat partial in the grid), and
+    a small one keeps the frozen features, which with so few images were still the best in the
+    grid (lp-ft lost 6 to 12 points there).
     """
     size = "small" if small else "large"
     final = (m.stage_accuracy or {}).get("final", m.probe.get("logreg"))
@@ -411,6 +412,7 @@ def _different(m: Measurements, small: bool, num_groups: int, group_labels: Sequ
         reasons.append(f"small and different -> freeze: too few images to retrain features safely; "
                        f"train the new head, lr {FREEZE_HEAD_LR:g}")
         return "freeze", 0, FREEZE_HEAD_LR
-    reasons.append(f"large and different -> full: enough images to retrain all {num_groups} groups, "
-                   f"head lr {FULL_HEAD_LR:g} with layer-wise decay below")
-    return "full", None, FULL_HEAD_LR
+    k = max(1, min(num_groups - 1, round(num_groups * PARTIAL_TOP_FRACTION)))
+    reasons.append(f"large and different -> partial: retrain the top {k} of {num_groups} groups (in the grid,"
+                   " partial matched or beat full in every large cell)")
+    return "partial", k, PARTIAL_HEAD_LR

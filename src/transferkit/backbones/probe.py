@@ -1,7 +1,7 @@
 """The linear probe: multinomial logistic regression on frozen features, solved, not trained.
 
 A frozen backbone makes fitting its head a convex problem, so the head is solved to convergence
-(full batch, torch's L-BFGS with a strong-Wolfe line search, in float64) on standardised
+(full batch, torch's L-BFGS with a strong-Wolfe line search) on standardised
 features, with the L2 strength chosen by stratified k-fold cross-validation over a log grid,
 the way linear-probe evaluations are done (Kornblith et al., 2019; CLIP; SimCLR). The
 standardisation is folded back into the weights, so the result is an ordinary ``nn.Linear`` on
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,17 @@ log = logging.getLogger(__name__)
 # from the previous, simpler solution, which is where L-BFGS converges fastest.
 GRID = tuple(float(10.0**e) for e in range(2, -7, -1))
 MAX_FOLDS = 5
+# float32: 8x faster than float64 here on 4,800 x 1,280 rows, with the same choices and accuracy.
+DTYPE = torch.float32
+# Below this many multiply-adds per pass one thread is faster: a thread pool on two busy cores
+# spun 8x slower than one thread on 1,000 x 256 rows.
+ONE_THREAD_WORK = 5e7
+# L-BFGS stops when no gradient entry exceeds this (the mean loss's scale).
+TOLERANCE = 1e-6
+# The grid walk stops after this many strengths in a row that raise no held-out accuracy: weaker
+# strengths only overfit more, and on separable data they are the slow fits. Among the strengths
+# walked, the best accuracy wins and the lower held-out log-loss breaks ties.
+PATIENCE = 2
 # Used when no fold can be held out (a class with one image): a moderate strength.
 FALLBACK_L2 = 1e-2
 
@@ -63,7 +75,7 @@ def _fit(z: torch.Tensor, y: torch.Tensor, l2: float, w: torch.Tensor, b: torch.
          max_iter: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     w = w.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=TOLERANCE,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
@@ -82,6 +94,47 @@ def _held_out(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor
     return int((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y, reduction="sum"))
 
 
+class _Rows:
+    """Training rows in the basis of their own span when there are fewer rows than dimensions.
+
+    An L2-penalised linear model's weights lie in the span of its training rows, so with
+    ``rows = U S V^T`` the weights are ``V A`` and the problem shrinks from d to rank dimensions
+    (the penalty ``|W|^2 = |A|^2`` is unchanged): 4x less work for 300 images of 1280-d features.
+    """
+
+    def __init__(self, rows: torch.Tensor):
+        self.basis = None
+        if rows.shape[0] < rows.shape[1]:
+            u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+            keep = sv > sv.max() * max(rows.shape) * torch.finfo(rows.dtype).eps
+            self.basis = vh[keep].T                    # (d, rank)
+            self.rows = u[:, keep] * sv[keep]          # rows @ basis
+        else:
+            self.rows = rows
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.basis is None else z @ self.basis
+
+    def weights(self, a: torch.Tensor) -> torch.Tensor:
+        return a if self.basis is None else self.basis @ a
+
+    def start(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.basis is None else self.basis.T @ w
+
+
+@contextmanager
+def _threads_for(work: float):
+    if work >= ONE_THREAD_WORK:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def solve_probe(features, labels, *, num_classes: int | None = None, label_smoothing: float = 0.0,
                 grid: tuple[float, ...] = GRID, seed: int = 0, max_iter: int = 500,
                 cross_validate: bool = True) -> ProbeFit:
@@ -92,47 +145,63 @@ def solve_probe(features, labels, *, num_classes: int | None = None, label_smoot
     is fitted on every row with it. Without enough images to hold any out (or with
     ``cross_validate=False`` and a one-value grid) the first grid value, or FALLBACK_L2, is used.
     """
+    x = torch.as_tensor(np.asarray(features), dtype=DTYPE)
+    k = int(num_classes if num_classes is not None else int(np.max(labels)) + 1)
+    with _threads_for(x.numel() * k):
+        return _solve(x, labels, k, label_smoothing, grid, seed, max_iter, cross_validate)
+
+
+def _solve(x: torch.Tensor, labels, k: int, label_smoothing: float, grid: tuple[float, ...], seed: int,
+           max_iter: int, cross_validate: bool) -> ProbeFit:
     from sklearn.model_selection import StratifiedKFold
 
     start = time.perf_counter()
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     if x.ndim == 2:
         x = x[None]
     views, n, d = x.shape
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if len(y) != n:
         raise ValueError(f"features hold {n} images but labels {len(y)}")
-    k = int(num_classes if num_classes is not None else int(y.max()) + 1)
     flat = x.reshape(-1, d)
     mean = flat.mean(0)
     std = flat.std(0, correction=0)
     std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant feature carries nothing
     z = (x - mean) / std
-    zero_w, zero_b = torch.zeros(d, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    zero_w, zero_b = torch.zeros(d, k, dtype=DTYPE), torch.zeros(k, dtype=DTYPE)
 
     counts = np.bincount(y.numpy(), minlength=k)
     present = counts[counts > 0]
     folds = int(min(MAX_FOLDS, present.min())) if cross_validate and len(present) > 1 else 0
+    folds = folds if folds >= 2 else 0  # one fold holds nothing out
     chosen, cv_acc, fold_acc, table = (grid[0] if len(grid) == 1 else FALLBACK_L2), None, [], {}
     if folds >= 2 and len(grid) > 1:
-        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        correct = np.zeros((len(grid), folds))
-        nll = np.zeros(len(grid))
-        for f, (tr, te) in enumerate(splitter.split(np.zeros(n), y.numpy())):
-            tr, te = torch.as_tensor(tr), torch.as_tensor(te)
-            rows, row_y = z[:, tr].reshape(-1, d), y[tr].repeat(views)
-            w, b = zero_w, zero_b
-            for g, l2 in enumerate(grid):
-                w, b, _ = _fit(rows, row_y, l2, w, b, label_smoothing, max_iter)
-                c, loss = _held_out(z[0, te], y[te], w, b)
-                correct[g, f], nll[g] = c, nll[g] + loss
-        sizes = np.array([len(te) for _, te in splitter.split(np.zeros(n), y.numpy())])
-        acc = correct.sum(1) / n
-        best = min(range(len(grid)), key=lambda g: (-acc[g], nll[g]))
-        chosen, cv_acc = grid[best], float(acc[best])
-        fold_acc = [float(c) for c in correct[best] / sizes]
-        table = {f"{l2:g}": float(a) for l2, a in zip(grid, acc)}
-    w, b, iterations = _fit(z.reshape(-1, d), y.repeat(views), chosen, zero_w, zero_b, label_smoothing, max_iter)
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(n), y.numpy()))
+        fold_rows = [_Rows(z[:, tr].reshape(-1, d)) for tr, _ in splits]
+        fold_y = [y[tr].repeat(views) for tr, _ in splits]
+        held = [(rows.project(z[0, te]), y[te]) for rows, (_, te) in zip(fold_rows, splits)]
+        state = [rows.start(zero_w) for rows in fold_rows], [zero_b] * folds
+        scores, since = [], 0
+        for g, l2 in enumerate(grid):
+            correct, nll = [], 0.0
+            for f in range(folds):
+                a, bias, _ = _fit(fold_rows[f].rows, fold_y[f], l2, state[0][f], state[1][f], label_smoothing,
+                                  max_iter)
+                state[0][f], state[1][f] = a, bias
+                c, loss = _held_out(*held[f], a, bias)
+                correct.append(c)
+                nll += loss
+            scores.append((sum(correct) / n, nll / n, correct))
+            top = max(sc[0] for sc in scores[:-1]) if g else -1.0
+            since = 0 if scores[g][0] > top else since + 1
+            if since >= PATIENCE:
+                break
+        best = max(range(len(scores)), key=lambda g: (scores[g][0], -scores[g][1]))
+        chosen, cv_acc = grid[best], float(scores[best][0])
+        fold_acc = [c / len(te) for c, (_, te) in zip(scores[best][2], splits)]
+        table = {f"{l2:g}": float(sc[0]) for l2, sc in zip(grid, scores)}
+    rows = _Rows(z.reshape(-1, d))
+    a, b, iterations = _fit(rows.rows, y.repeat(views), chosen, rows.start(zero_w), zero_b, label_smoothing, max_iter)
+    w = rows.weights(a)
     weight = (w / std[:, None]).T.contiguous()
     bias = b - (mean / std) @ w
     fit = ProbeFit(weight.float(), bias.float(), chosen, folds, cv_acc, fold_acc, table, iterations,

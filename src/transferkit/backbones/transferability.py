@@ -8,20 +8,17 @@ per image), so they are tested on synthetic features without a network.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from timm.layers import FrozenBatchNormAct2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from transferkit.backbones.probe import solve_probe
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +62,9 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int = 0,
                    knn: bool = True) -> dict:
     """Cross-validated accuracy of a linear and a nearest-neighbour probe on fixed features.
 
-    Logistic regression runs on standardized features; k-NN uses cosine distance on the raw
-    features. Folds are stratified, ``k = min(5, smallest class count)``. A class with a single
+    The linear probe is ``probe.solve_probe``, the very solver of the ``freeze`` head (L2 chosen
+    on the folds; ``l2`` reports it), so its accuracy is what freeze is expected to deliver; k-NN
+    uses cosine distance on the raw features. Folds are stratified, ``k = min(5, smallest class count)``. A class with a single
     image cannot be both trained on and tested, so it is left out of the probe (``dropped``
     counts those images); with fewer than two classes left, the accuracies are ``None``.
 
@@ -90,18 +88,17 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int = 0,
     chance = float(counts.max() / counts.sum())
     folds = int(min(PROBE_FOLDS, counts.min()))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    probes = {"logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))}
+    # solve_probe draws the same folds (same k, same seed); labels are renumbered 0..c-1 for it.
+    linear = solve_probe(features, np.unique(labels, return_inverse=True)[1], seed=seed)
+    accuracy = {"logreg": linear.cv_accuracy}
+    out.update(chance=chance, folds=folds, l2=linear.l2)
     if knn:
         # Each training fold holds at least counts.min() - 1 images of the smallest class.
         k = int(max(1, min(KNN_NEIGHBORS, counts.min() - 1)))
-        probes["knn"] = KNeighborsClassifier(n_neighbors=k, metric="cosine")
-    out.update(chance=chance, folds=folds)
-    for name, estimator in probes.items():
-        with warnings.catch_warnings(), threadpool_limits(BLAS_THREADS, user_api="blas"):
-            # lbfgs may stop short of full convergence on separable data; the accuracy is what counts.
-            warnings.simplefilter("ignore", category=ConvergenceWarning)
-            predicted = cross_val_predict(estimator, features, labels, cv=cv)
-        acc = float(np.mean(predicted == labels))
+        with threadpool_limits(BLAS_THREADS, user_api="blas"):
+            predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=k, metric="cosine"), features, labels, cv=cv)
+        accuracy["knn"] = float(np.mean(predicted == labels))
+    for name, acc in accuracy.items():
         out[name] = acc
         out["relative"][name] = acc - chance
         out["normalized"][name] = (acc - chance) / (1.0 - chance) if chance < 1.0 else 0.0

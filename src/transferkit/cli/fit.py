@@ -38,6 +38,10 @@ def add_fit(sub) -> None:
     g.add_argument("--finetune", choices=FINETUNE_CHOICES, help=f"strategy (default {d.finetune})")
     g.add_argument("--trainable-groups", type=int,
                    help=f"partial: how many top layer groups train (default {d.trainable_groups})")
+    g.add_argument("--head-solver", choices=("lbfgs", "sgd"),
+                   help="the frozen head (freeze, lp-ft's probe): lbfgs solves it on the cached features, L2 chosen"
+                        " by cross-validation; sgd trains it for --epochs (default: lbfgs unless Mixup/CutMix, EMA,"
+                        " SWA or snapshots need steps)")
     g.add_argument("--layer-decay", type=float,
                    help="lr factor per layer group below the head (default 0.5; 1.0 from random weights)")
     g = p.add_argument_group("optimisation")

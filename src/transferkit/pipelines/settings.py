@@ -22,6 +22,7 @@ from transferkit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FINETUNE_CHOICES = ("auto", "freeze", "partial", "full", "lp-ft")
+HEAD_SOLVERS = ("lbfgs", "sgd")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 AUGMENT_PRESETS = ("none", "light", "default", "heavy")
@@ -41,6 +42,7 @@ class FitConfig:
     # strategy
     finetune: str = "auto"
     trainable_groups: int = 2
+    head_solver: str | None = None    # the frozen head: lbfgs (solved) or sgd (epochs); None: lbfgs where it can
     layer_decay: float | None = None  # None: 0.5 for pretrained weights, 1.0 from random weights
     # optimisation
     lr: float | None = None           # None: the strategy's default
@@ -122,9 +124,34 @@ class FitConfig:
         if self.snapshots and self.schedule != "cosine":
             raise ConfigError(f"{name('snapshots')} runs its own cosine cycles; drop {name('schedule')}"
                               f" {self.schedule}")
+        if self.head_solver == "lbfgs":
+            self._check_solved_head(name)
         if self.snapshots and self.finetune == "lp-ft":
             raise ConfigError(f"{name('snapshots')} and {name('finetune')} lp-ft cannot be combined yet; the"
                               " probe phase and the cycles would share one schedule: pick one")
+
+    def _check_solved_head(self, name: Callable[[str], str]) -> None:
+        """A solved head is fitted once on cached features of a frozen backbone."""
+        solver = f"{name('head_solver')} lbfgs"
+        if self.finetune in ("partial", "full"):
+            raise ConfigError(f"{solver} solves the head of a frozen backbone: it applies to {name('finetune')}"
+                              f" freeze, lp-ft and auto, not {self.finetune}; drop it")
+        if self.mixup or self.cutmix:
+            raise ConfigError(f"{solver} fits cached features and Mixup/CutMix mix images; use"
+                              f" {name('head_solver')} sgd to mix")
+        clash = [name(k) for k in ("ema", "swa") if getattr(self, k)] + ([name("snapshots")] if self.snapshots else [])
+        if clash:
+            raise ConfigError(f"{', '.join(clash)} average(s) weights over training steps and {solver} takes none;"
+                              f" use {name('head_solver')} sgd")
+        if self.cache_views < 1:
+            raise ConfigError(f"{solver} needs the feature cache; drop {name('cache_views')} 0")
+
+    @property
+    def solved_head(self) -> bool:
+        """Whether a frozen head is solved (L-BFGS) rather than trained for epochs, where it can be."""
+        if self.head_solver is not None:
+            return self.head_solver == "lbfgs"
+        return not (self.mixup or self.cutmix or self.ema or self.swa or self.snapshots or self.cache_views < 1)
 
     def replace(self, **changes: Any) -> "FitConfig":
         """A new config with `changes`, checked as a whole again."""
@@ -285,8 +312,8 @@ def _str(optional=False) -> Constraint:
     return Constraint("str", optional=optional)
 
 
-def _choice(choices: tuple[str, ...]) -> Constraint:
-    return Constraint("str", choices=choices)
+def _choice(choices: tuple[str, ...], optional=False) -> Constraint:
+    return Constraint("str", choices=choices, optional=optional)
 
 
 _BOOL = Constraint("bool")
@@ -296,6 +323,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "backbone": _str(), "pretrained": _BOOL, "weights": _str(optional=True),
     "backbone_plugin": _str(optional=True), "image_size": _int(16, 2048, optional=True),
     "finetune": _choice(FINETUNE_CHOICES), "trainable_groups": _int(1),
+    "head_solver": _choice(HEAD_SOLVERS, optional=True),
     "layer_decay": _float(0, 1, low_open=True, optional=True),
     "lr": _float(0, low_open=True, optional=True), "optimizer": _choice(OPTIMIZERS),
     "weight_decay": _float(0), "schedule": _choice(SCHEDULES), "warmup_epochs": _float(0),

@@ -57,7 +57,8 @@ class FitDataModule(pl.LightningDataModule):
         """The feature cache, if an epoch has asked for it."""
         return self._cache
 
-    def _features(self) -> FeatureCache:
+    def features(self) -> FeatureCache:
+        """The feature cache, built on first use (on this rank's device, in its folder of the run)."""
         if self._cache is None:
             assert self._build_cache is not None, "an epoch reads features but no cache was provided"
             trainer = getattr(self, "trainer", None)
@@ -84,7 +85,7 @@ class FitDataModule(pl.LightningDataModule):
         rank, world, epoch = self._place()
         g = torch.Generator()
         if self.reads_features(epoch):
-            cache = self._features()
+            cache = self.features()
             ds = FeatureDataset(cache.train, [s.label for s in self.train_samples], cache.train_rows)
             sampler = EpochSampler(ds.n, self.seed, g, epoch, rank=rank, world=world, views=ds.views)
             workers = 0  # rows of a tensor: a worker process only adds its start-up
@@ -97,7 +98,7 @@ class FitDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         rank, world, epoch = self._place()
         if self.reads_features(epoch):
-            cache = self._features()
+            cache = self.features()
             ds = FeatureDataset(cache.val, [s.label for s in self.val_samples], cache.val_rows)
             return self._loader(ds, ShardSampler(len(ds), rank, world), batch_size=max(self.batch_size, 256),
                                 workers=0)

@@ -8,7 +8,7 @@ epochs read cached features of the frozen backbone instead of images). Cross-cut
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -22,6 +22,12 @@ from transferkit.errors import TrainingDiverged
 from transferkit.pipelines.data.features import pre_logits
 from transferkit.pipelines.rundir import CHECKPOINT_META
 from transferkit.pipelines.train.schedule import Schedule
+
+if TYPE_CHECKING:
+    from transferkit.backbones.probe import ProbeFit
+
+# Where a checkpoint keeps how its head was solved (l2, folds, accuracy), for the report.
+SOLVED_KEY = "solved_head"
 
 @dataclass(frozen=True)
 class Optim:
@@ -40,10 +46,18 @@ class Phases:
     ``head_until``: epochs ``0 .. head_until-1`` run the backbone frozen (in eval mode, no
     gradient) and train only the classifier: every epoch of ``freeze``, lp-ft's probe epochs.
     ``features``: those epochs read cached pre-logits features instead of images.
+    ``solve``: the head is solved (``backbones/probe.py``) at the start of the head phase, which
+    is then one epoch at a learning rate of 0 (it logs the training loss and validates; the steps
+    leave every weight as solved, to the bit, weight decay included; Lightning allows no
+    step-skipping under DDP).
     """
 
     head_until: int = 0
     features: bool = False
+    solve: bool = False
+
+    def solves(self, epoch: int) -> bool:
+        return self.solve and self.features and epoch == 0 < self.head_until
 
     def head_only(self, epoch: int) -> bool:
         return epoch < self.head_until
@@ -62,6 +76,11 @@ def first_per_index(rows: torch.Tensor) -> torch.Tensor:
         first[1:] = idx[order][1:] != idx[order][:-1]
         keep[order[first]] = True
     return rows[keep]
+
+
+def _after(first: int, factor: Callable[[int], float]) -> Callable[[int], float]:
+    """`factor`, but 0 for the first `first` steps (the epochs of a solved head)."""
+    return lambda step: 0.0 if step < first else factor(step)
 
 
 class ImageClassifier(pl.LightningModule):
@@ -85,6 +104,9 @@ class ImageClassifier(pl.LightningModule):
         self.mixer = mixer
         self.mix_until_epoch = mix_until_epoch  # mixing stops from this epoch (0-based) on
         self.meta = dict(meta or {})
+        # Solves the head on the cached features (set by the recipe); what it found, for the report.
+        self.head_solver: Callable[[], "ProbeFit"] | None = None
+        self.solved: dict | None = None
         self._val: list[torch.Tensor] = []
         self.set_plan(plan)
 
@@ -124,6 +146,17 @@ class ImageClassifier(pl.LightningModule):
         self.train()
         if self.mixer is not None and self.mix_until_epoch is not None:
             self.mixer.enabled = self.current_epoch < self.mix_until_epoch
+        if self.phases.solves(self.current_epoch):
+            self._solve_head()
+
+    def _solve_head(self) -> None:
+        """Rank 0 solves; every rank takes its answer, so that all hold the same head."""
+        assert self.head_solver is not None, "a solved head needs the recipe's head_solver"
+        fit = self.head_solver() if self.global_rank == 0 else None
+        if self.trainer.world_size > 1:
+            fit = self.trainer.strategy.broadcast(fit, src=0)
+        fit.load_into(self.model.get_classifier())
+        self.solved = fit.to_dict()
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
@@ -182,6 +215,8 @@ class ImageClassifier(pl.LightningModule):
         epochs = max(1, self.trainer.max_epochs or 1)
         per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
         head, body = self.schedule.factors(per_epoch)
+        if self.phases.solve:
+            head = _after(self.phases.head_until * per_epoch, head)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [head if g["is_head"] else body
                                                         for g in opt.param_groups])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -189,3 +224,8 @@ class ImageClassifier(pl.LightningModule):
     # -- self-describing checkpoints --------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_META] = self.meta
+        if self.solved is not None:
+            checkpoint[SOLVED_KEY] = self.solved
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.solved = checkpoint.get(SOLVED_KEY, self.solved)

@@ -39,6 +39,7 @@ from transferkit.augment.image import describe_train, eval_transform, parse_over
 from transferkit.backbones import factory
 from transferkit.backbones.advisor import Advice, decide, measure_with_features
 from transferkit.backbones.groups import LayerGroups, layer_groups
+from transferkit.backbones.probe import ProbeFit, solve_probe
 from transferkit.backbones.strategies import DEFAULT_LAYER_DECAY, DEFAULT_LR, SCRATCH_LR, SGD_LR_FACTOR, Plan, make_plan
 from transferkit.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from transferkit.pipelines.data.datamodule import FeatureCache, FitDataModule
@@ -163,19 +164,23 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
     plan, clean, lost = choose_plan(cfg, backbone, split, pixels, saved=saved, measure=rank0, progress=progress)
     split = split.without(lost)
     failures = FailureLog(run.failures, strict=cfg.strict)  # files that break from here on
-    schedule = make_schedule(cfg, plan)
-    module = make_module(cfg, backbone, plan, schedule, split.classes)
     # only freeze and lp-ft read features (auto may turn out freeze, on a rank that has not measured)
-    feature_ok = cfg.finetune in ("auto", "freeze", "lp-ft") and features_exact(cfg, module, split, pixels)
-    module.phases = phases_for(cfg, plan, schedule, feature_ok)
+    feature_ok = cfg.finetune in ("auto", "freeze", "lp-ft") and features_exact(cfg, backbone.model, split, pixels)
+    solve = feature_ok and cfg.solved_head
+    schedule = make_schedule(cfg, plan, solve)
+    module = make_module(cfg, backbone, plan, schedule, split.classes)
+    module.phases = phases_for(plan, schedule, feature_ok, solve)
     data = make_data(cfg, run, split, pixels, module, clean, failures, progress)
+    module.head_solver = lambda: solve_head(cfg, data, split)
     if saved is None and rank0:
         run.make(overwrite=cfg.overwrite)
         write_run(run, cfg, split, backbone, plan, pixels, module)
 
     def decided(d: Decision) -> None:  # the same on every rank once rank 0's decision arrives
         module.set_plan(d.plan)
-        module.phases = phases_for(cfg, d.plan, schedule, feature_ok)
+        module.schedule = make_schedule(cfg, d.plan, solve)  # a solved freeze head takes one epoch
+        module.phases = phases_for(d.plan, module.schedule, feature_ok, solve)
+        trainer.fit_loop.max_epochs = module.schedule.epochs
         data.run_path = Path(d.run_path)
         failures.folder = RunDir(d.run_path).failures
 
@@ -289,24 +294,40 @@ def advice_for(model, groups: LayerGroups, samples: list[Sample], transform, *, 
     return decide(m, num_groups=len(groups), group_labels=groups.labels), torch.from_numpy(feats)
 
 
-def make_schedule(cfg: FitConfig, plan: Plan) -> Schedule:
+def make_schedule(cfg: FitConfig, plan: Plan, solve: bool = False) -> Schedule:
     """lp-ft first trains the head alone for ``epochs`` epochs at the frozen head's rate, then
-    everything for ``epochs`` more."""
-    probe = cfg.epochs if cfg.finetune == "lp-ft" or plan.strategy == "lp-ft" else 0
+    everything for ``epochs`` more. A solved head (`solve`) takes one epoch: all of freeze, and
+    lp-ft's probe."""
+    lp_ft = cfg.finetune == "lp-ft" or plan.strategy == "lp-ft"
+    probe = (1 if solve else cfg.epochs) if lp_ft else 0
+    if solve and plan.strategy == "freeze":
+        return Schedule(epochs=1, kind=cfg.schedule, warmup_epochs=0.0)
     return Schedule(epochs=cfg.epochs + probe, kind=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
                     cycles=cfg.snapshots, swa=cfg.swa and not cfg.snapshots, probe_epochs=probe,
                     probe_lr_scale=DEFAULT_LR["freeze"] / plan.lr if probe else 1.0)
 
 
-def phases_for(cfg: FitConfig, plan: Plan, schedule: Schedule, feature_ok: bool) -> Phases:
-    """Which epochs train the head alone (freeze: all; lp-ft: the probe), and whether they read
+def phases_for(plan: Plan, schedule: Schedule, feature_ok: bool, solve: bool) -> Phases:
+    """Which epochs train the head alone (freeze: all; lp-ft: the probe), whether they read
     cached features (`feature_ok`: the cache is on, nothing mixes images, and the architecture's
-    classifier reads the pooled features alone)."""
+    classifier reads the pooled features alone), and whether the head is solved there."""
     if plan.strategy == "freeze":
-        return Phases(head_until=schedule.epochs, features=feature_ok)
+        return Phases(head_until=schedule.epochs, features=feature_ok, solve=solve)
     if plan.strategy == "lp-ft":
-        return Phases(head_until=schedule.probe_epochs, features=feature_ok)
+        return Phases(head_until=schedule.probe_epochs, features=feature_ok, solve=solve)
     return Phases()
+
+
+def solve_head(cfg: FitConfig, data: FitDataModule, split: Split) -> ProbeFit:
+    """The frozen head solved on every cached view of the training images that could be read."""
+    cache = data.features()
+    rows = cache.train_rows if cache.train_rows is not None else list(range(len(split.train)))
+    fit = solve_probe(cache.train[:, rows], [split.train[i].label for i in rows], num_classes=len(split.classes),
+                      label_smoothing=cfg.label_smoothing, seed=cfg.seed)
+    log.info("head solved on %d image(s) x %d view(s): L2 %g chosen by %d-fold cross-validation (held-out accuracy"
+             " %s), %d L-BFGS iterations, %.1f s", len(rows), cache.train.shape[0], fit.l2, fit.folds,
+             "n/a" if fit.cv_accuracy is None else f"{fit.cv_accuracy:.3f}", fit.iterations, fit.seconds)
+    return fit
 
 
 def make_module(cfg: FitConfig, backbone: Backbone, plan: Plan, schedule: Schedule,
@@ -360,15 +381,15 @@ def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module:
     return data
 
 
-def features_exact(cfg: FitConfig, module: ImageClassifier, split: Split, pixels: Pixels) -> bool:
+def features_exact(cfg: FitConfig, model: torch.nn.Module, split: Split, pixels: Pixels) -> bool:
     """Whether head-only epochs may read cached features instead of images."""
     if cfg.cache_views < 1:
         return False
-    if module.mixer is not None:
+    if cfg.mixup > 0 or cfg.cutmix > 0:
         log.info("Mixup/CutMix mix images, so frozen features are not cached")
         return False
     probe_x = torch.stack([pixels.eval(load_rgb(s.path)) for s in split.val[:2]])
-    if not head_matches(module.model, probe_x):
+    if not head_matches(model, probe_x):
         log.info("%s's classifier does not read pooled features alone; frozen features are not cached",
                  cfg.backbone)
         return False
@@ -484,7 +505,8 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         "backbone": cfg.backbone, "classes": split.classes,
         "images": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
                    "skipped": len(split.skipped)},
-        "finetune": finetune_record(module.plan, module), "data_config": backbone.data_cfg.to_dict(),
+        "finetune": finetune_record(module.plan, module), "head_solver": module.solved,
+        "data_config": backbone.data_cfg.to_dict(),
         "metrics": metrics,
     }
     report["ensembles"] = RunWeights(run).available()  # the `evaluate --ensemble` values this run offers
