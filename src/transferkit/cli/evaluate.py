@@ -34,6 +34,12 @@ def add_evaluate(sub) -> None:
                    help="views per forward pass (images x TTA views); default: the run's batch size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")
+    p.add_argument("--calibrate", action="store_true",
+                   help="first fit a temperature for --checkpoint on the run's val split by NLL and store it in"
+                        " the checkpoint (evaluate, predict and the Python API then apply it)")
+    p.add_argument("--select", action="store_true",
+                   help="record the combination with the lowest val NLL as the run's default for predict"
+                        " (RUN_DIR/selected.json)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -42,9 +48,17 @@ def _cmd_evaluate(args) -> int:
 
     body = evaluate_run(args.run_dir, args.data, split=args.split, checkpoint=args.checkpoint, tta=args.tta,
                         ensemble=args.ensemble, merge=args.merge, batch_size=args.batch_size,
-                        workers=args.workers, progress=progress(), accelerator=args.accelerator)
+                        workers=args.workers, progress=progress(), accelerator=args.accelerator,
+                        calibrate=args.calibrate, select=args.select)
+    if "calibration" in body:
+        c = body["calibration"]
+        print(f"temperature {c['temperature']:.3f} (fitted on val): NLL {c['before']['nll']:.4f} ->"
+              f" {c['after']['nll']:.4f}, ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}")
     print(f"{args.split} split, checkpoint {args.checkpoint}, merge {args.merge} (* best)")
     print(results_table(body))
+    if "selected" in body:
+        s = body["selected"]
+        print(f"selected for predict: --tta {s['tta']} --ensemble {s['ensemble']} (val NLL {s['nll']:.4f})")
     print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
     return 0
 
@@ -56,11 +70,12 @@ def add_predict(sub) -> None:
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--top-k", type=int, default=1, help="also write the next K-1 labels and probabilities")
     p.add_argument("--checkpoint", default="best", help="best, last, or another name in RUN_DIR/checkpoints")
-    p.add_argument("--tta", default="plain", help=f"one view spec. {_TTA_HELP}")
-    p.add_argument("--ensemble", default="none", choices=("none", "ema", "swa", "snapshots", "all"),
-                   help=_ENSEMBLE_HELP)
-    p.add_argument("--merge", choices=("mean", "geometric", "max"), default="mean",
-                   help="how probabilities merge over views and models")
+    p.add_argument("--tta", default=None,
+                   help=f"one view spec (default: what `evaluate --select` chose, else plain). {_TTA_HELP}")
+    p.add_argument("--ensemble", default=None, choices=("none", "ema", "swa", "snapshots", "all"),
+                   help=f"{_ENSEMBLE_HELP} (default: what `evaluate --select` chose, else none)")
+    p.add_argument("--merge", choices=("mean", "geometric", "max"), default=None,
+                   help="how probabilities merge over views and models (default: the selected, else mean)")
     p.add_argument("--batch-size", type=int, default=32, help="views per forward pass (images x TTA views)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")

@@ -56,6 +56,9 @@ def add_fit(sub) -> None:
     g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     g.add_argument("--patience", type=int, help=f"early stopping on val accuracy; 0 turns it off (default {d.patience})")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--calibrate", choices=("temperature",),
+                   help="after training, fit one temperature on val by NLL (stored in best.ckpt, applied by"
+                        " evaluate, predict and the Python API); report.json shows NLL and ECE before and after")
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--val-fraction", type=float, help=f"held out when DATA has no val/ (default {d.val_fraction})")
     g.add_argument("--workers", type=int, help="DataLoader workers (default: min(4, CPU count))")

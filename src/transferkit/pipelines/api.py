@@ -155,22 +155,27 @@ class Run:
 
     def evaluate(self, data: str | Path | None = None, split: str = "val", tta: str | Sequence[str] = "plain",
                  ensemble: str | Sequence[str] = "none", *, checkpoint: str = "best", merge: str = "mean",
-                 batch_size: int | None = None, progress: bool | None = None, accelerator: str = "auto") -> list[dict]:
-        """Metrics of every (TTA, ensemble) combination; writes evaluation.json as the CLI does."""
+                 batch_size: int | None = None, progress: bool | None = None, accelerator: str = "auto",
+                 calibrate: bool = False, select: bool = False) -> list[dict]:
+        """Metrics of every (TTA, ensemble) combination; writes evaluation.json as the CLI does
+        (`calibrate`, `select`: as ``transferkit evaluate --calibrate --select``)."""
         from transferkit.pipelines.evaluate.evaluation import evaluate_run
 
         body = evaluate_run(self.path, data, split=split, checkpoint=checkpoint, tta=tta, ensemble=ensemble,
-                            merge=merge, batch_size=batch_size, progress=_progress(progress), accelerator=accelerator)
+                            merge=merge, batch_size=batch_size, progress=_progress(progress), accelerator=accelerator,
+                            calibrate=calibrate, select=select)
         return body["results"]
 
-    def predict(self, inputs: Any, top_k: int = 1, tta: str = "plain", ensemble: str = "none", *,
-                checkpoint: str = "best", merge: str = "mean", batch_size: int = 32,
+    def predict(self, inputs: Any, top_k: int = 1, tta: str | None = None, ensemble: str | None = None, *,
+                checkpoint: str = "best", merge: str | None = None, batch_size: int = 32,
                 accelerator: str = "auto") -> list[dict]:
         """One row per image (file paths, folders, PIL images, HWC uint8 arrays): ``path``,
-        ``label``, ``probability``, ``label_k``/``probability_k``, ``probabilities``, ``error``."""
-        from transferkit.pipelines.evaluate.prediction import expand_inputs, predict_items
+        ``label``, ``probability``, ``label_k``/``probability_k``, ``probabilities``, ``error``.
+        `tta`, `ensemble`, `merge` left out: what ``evaluate(select=True)`` chose, else plain/none/mean."""
+        from transferkit.pipelines.evaluate.prediction import expand_inputs, predict_items, prediction_defaults
         from transferkit.pipelines.evaluate.predictor import Predictor
 
+        tta, ensemble, merge = prediction_defaults(self._dir, tta, ensemble, merge)
         predictor = Predictor.for_run(self._dir, tta, ensemble, checkpoint=checkpoint, merge=merge,
                                       accelerator=accelerator)
         return predict_items(predictor, expand_inputs(inputs), self.classes, top_k=top_k, batch_size=batch_size,

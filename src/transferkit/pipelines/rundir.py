@@ -50,6 +50,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.csv")
     report = property(lambda self: self.path / "report.json")
     evaluation = property(lambda self: self.path / "evaluation.json")
+    selected = property(lambda self: self.path / "selected.json")  # evaluate --select: predict's default
     plots = property(lambda self: self.path / "plots")
     failures = property(lambda self: self.path / ".failures")  # see data/failures.py
 
@@ -143,7 +144,7 @@ class RunDir:
                 f.unlink()
             # Everything a run writes, so nothing of the old run can pass for the new one
             # (a stale splits/test.csv would be evaluated as if it were the new data's).
-            stale = [run.metrics, run.report, run.evaluation, run.skipped]
+            stale = [run.metrics, run.report, run.evaluation, run.skipped, run.selected]
             stale += list(run.splits.glob("*.csv")) + list(run.plots.glob("*.png"))
             stale += list(run.failures.glob("*.jsonl")) if run.failures.is_dir() else []
             for f in stale:

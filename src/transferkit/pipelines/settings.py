@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FINETUNE_CHOICES = ("auto", "freeze", "partial", "full", "lp-ft")
 HEAD_SOLVERS = ("lbfgs", "sgd")
+CALIBRATIONS = ("temperature",)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 AUGMENT_PRESETS = ("none", "light", "default", "heavy")
@@ -76,6 +77,8 @@ class FitConfig:
     ema_decay: float = 0.999
     swa: bool = False
     snapshots: int = 0                # M cosine cycles with a snapshot checkpoint at the end of each
+    # probabilities: fit a temperature on val after training (stored in best.ckpt)
+    calibrate: str | None = None
     # devices, passed to Lightning
     accelerator: str = "auto"
     devices: str = "auto"
@@ -335,6 +338,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "mixup_mode": _choice(MIX_MODES), "mixup_off_epoch": _int(0),
     "cache_views": _int(0),
     "ema": _BOOL, "ema_decay": _float(0, 1, low_open=True, high_open=True), "swa": _BOOL, "snapshots": _int(0),
+    "calibrate": _choice(CALIBRATIONS, optional=True),
     "accelerator": _str(), "devices": _str(), "num_nodes": _int(1), "precision": _str(),
     "overwrite": _BOOL,
 }

@@ -8,17 +8,19 @@ from typing import Sequence
 
 from torch.utils.data import DataLoader
 
-from transferkit.errors import DataError
+from transferkit.errors import ConfigError, DataError
 from transferkit.pipelines.data.datasets import ImageDataset, Sample
 from transferkit.pipelines.data.failures import FailureLog
 from transferkit.pipelines.data.failures import merge as merge_skipped
 from transferkit.pipelines.data.folders import scan_folder
 from transferkit.pipelines.data.splits import read_skipped_csv, read_split_csv, write_skipped_csv
+from transferkit.pipelines.evaluate.calibration import (calibration_record, fit_temperature, store_temperature,
+                                                         temperature_of)
 from transferkit.pipelines.evaluate.loading import run_config
 from transferkit.pipelines.evaluate.metrics import classification_metrics
 from transferkit.pipelines.evaluate.plots import plot_confusion, plot_reliability
 from transferkit.pipelines.evaluate.predictor import Predictor
-from transferkit.pipelines.rundir import RunDir
+from transferkit.pipelines.rundir import RunDir, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +49,26 @@ def eval_samples(run: RunDir, data: str | Path | None, split: str, classes: Sequ
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
                  checkpoint: str = "best", tta: str | Sequence[str] = "plain",
                  ensemble: str | Sequence[str] = "none", merge: str = "mean", batch_size: int | None = None,
-                 workers: int = 0, progress: bool = True, accelerator: str = "auto") -> dict:
+                 workers: int = 0, progress: bool = True, accelerator: str = "auto", calibrate: bool = False,
+                 select: bool = False) -> dict:
     """Metrics of every (TTA, ensemble) combination on a split; writes RUN/evaluation.json, and the
-    confusion matrix and reliability diagram of the best combination (accuracy, then NLL)."""
+    confusion matrix and reliability diagram of the best combination (accuracy, then NLL).
+
+    `calibrate`: first fit a temperature for the `checkpoint` weights on the run's val split and
+    store it in the checkpoint (every result below then uses it). `select`: record the combination
+    with the lowest val NLL in RUN/selected.json, which `predict` then uses by default.
+    """
     run = RunDir.open(run_dir)
     classes = run.classes()
     cfg = run_config(run)
+    if select and (split != "val" or data is not None):
+        raise ConfigError("--select picks on the run's val split; drop --split and DATA")
+    calibration = None
+    if calibrate:
+        calibration = _calibrate(run, checkpoint, classes, batch_size or cfg.batch_size, workers, accelerator, progress)
     predictor = Predictor.for_run(run, tta, ensemble, checkpoint=checkpoint, merge=merge, accelerator=accelerator)
     samples = eval_samples(run, data, split, classes)
-    with tempfile.TemporaryDirectory(prefix="transferkit-evaluate-") as tmp:
-        failures = FailureLog(tmp)
-        loader = DataLoader(ImageDataset(samples, predictor.transform, replace_failed=True, stage=f"evaluate {split}",
-                                         failures=failures),
-                            batch_size=predictor.images_per_batch(batch_size or cfg.batch_size), num_workers=workers)
-        probs, labels = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
-        lost = failures.entries()
+    probs, labels, lost = _predict(predictor, samples, split, batch_size or cfg.batch_size, workers, progress)
     if lost:  # left out of every metric, and listed with the run's other left-out files
         log.warning("left %d unreadable image(s) out of the evaluation, e.g. %s (%s)", len(lost), lost[0].path,
                     lost[0].reason)
@@ -76,6 +83,14 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
     body = {"run": str(run.path), "classes": classes, "split": split, "checkpoint": checkpoint, "merge": merge,
             "best": {"tta": results[best]["tta"], "ensemble": results[best]["ensemble"]}, "results": results,
             "skipped": [e._asdict() for e in lost]}
+    if calibration is not None:
+        body["calibration"] = calibration
+    if select:
+        pick = min(results, key=lambda r: (r["nll"], -r["accuracy"]))
+        body["selected"] = {k: pick[k] for k in ("tta", "ensemble", "merge", "checkpoint", "nll", "accuracy")}
+        run.write_json(run.selected, body["selected"])
+        log.info("selected for predict: --tta %s --ensemble %s (val NLL %.4f)", pick["tta"], pick["ensemble"],
+                 pick["nll"])
     run.write_json(run.evaluation, body)
     r = results[best]
     label = f"{split}, {r['tta']} / ensemble {r['ensemble']}"
@@ -85,6 +100,34 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
                      title=f"{label}: ECE {r['ece']:.3f}")
     log.info("evaluation written to %s", run.evaluation)
     return body
+
+
+def _predict(predictor: Predictor, samples: list[Sample], split: str, batch_size: int, workers: int,
+             progress: bool):
+    """Probabilities of every combination, labels, and the files that could not be read."""
+    with tempfile.TemporaryDirectory(prefix="transferkit-evaluate-") as tmp:
+        failures = FailureLog(tmp)
+        loader = DataLoader(ImageDataset(samples, predictor.transform, replace_failed=True, stage=f"evaluate {split}",
+                                         failures=failures),
+                            batch_size=predictor.images_per_batch(batch_size), num_workers=workers)
+        probs, labels = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
+        lost = failures.entries()
+    return probs, labels, lost
+
+
+def _calibrate(run: RunDir, checkpoint: str, classes: list[str], batch_size: int, workers: int, accelerator: str,
+               progress: bool) -> dict:
+    """Fit a temperature for `checkpoint` on the run's val split (on top of any it holds) and store it."""
+    predictor = Predictor.for_run(run, "plain", "none", checkpoint=checkpoint, accelerator=accelerator)
+    probs, labels, _ = _predict(predictor, read_split_csv(run.splits / "val.csv", classes), "val", batch_size,
+                                workers, progress)
+    path = run.checkpoint(checkpoint)
+    held = temperature_of(safe_load(path))
+    extra = fit_temperature(probs[0], labels)
+    record = calibration_record(probs[0], labels, extra)
+    record["temperature"] = held * extra  # softmax(log softmax(z / a) / b) = softmax(z / (a b))
+    store_temperature(path, record["temperature"])
+    return record
 
 
 def results_table(body: dict) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 from transferkit.backbones import factory
 from transferkit.backbones.factory import DataConfig
 from transferkit.errors import CheckpointError
+from transferkit.pipelines.evaluate.calibration import apply_temperature, temperature_of
 from transferkit.pipelines.rundir import CHECKPOINT_META, RunDir, safe_load
 from transferkit.pipelines.settings import FitConfig
 
@@ -85,7 +86,7 @@ def load_checkpoint(path: str | Path, key: str = "state_dict",
     bp = Blueprint.of_checkpoint(ckpt, path, plugin)
     model, data_cfg = bp.build()
     load_weights(model, state_of(ckpt, path, key), path)
-    return model, data_cfg, list(bp.classes)
+    return apply_temperature(model, temperature_of(ckpt, key)), data_cfg, list(bp.classes)
 
 
 def load_model(run: RunDir, checkpoint: str = "best", key: str = "state_dict") -> tuple[nn.Module, DataConfig]:
@@ -93,4 +94,5 @@ def load_model(run: RunDir, checkpoint: str = "best", key: str = "state_dict") -
     ``key="ema_state_dict"`` loads the averaged weights of a ``fit --ema`` run."""
     model, data_cfg = Blueprint.of_run(run).build()
     path = run.checkpoint(checkpoint)
-    return load_weights(model, state_of(safe_load(path), path, key), path), data_cfg
+    ckpt = safe_load(path)
+    return apply_temperature(load_weights(model, state_of(ckpt, path, key), path), temperature_of(ckpt, key)), data_cfg

@@ -122,14 +122,27 @@ def write_predictions(rows: Sequence[dict], out: str | Path, top_k: int) -> Path
     return out
 
 
+def prediction_defaults(run: RunDir, tta: str | None, ensemble: str | None,
+                        merge: str | None) -> tuple[str, str, str]:
+    """The TTA spec, ensemble and merge to predict with: as given, else what ``evaluate --select``
+    recorded in RUN/selected.json, else plain, none and mean."""
+    chosen = run.read_json(run.selected) if run.selected.exists() else {}
+    if chosen and (tta is None or ensemble is None):
+        log.info("predicting with --tta %s --ensemble %s, selected by `evaluate --select` (%s)",
+                 tta or chosen["tta"], ensemble or chosen["ensemble"], run.selected)
+    return (tta or chosen.get("tta", "plain"), ensemble or chosen.get("ensemble", "none"),
+            merge or chosen.get("merge", "mean"))
+
+
 def predict_paths(run_dir: str | Path, paths: Sequence[str | Path], out: str | Path = "predictions.csv",
                   top_k: int = 1, checkpoint: str = "best", batch_size: int = 32, workers: int = 0,
-                  progress: bool = True, tta: str = "plain", ensemble: str = "none", merge: str = "mean",
-                  accelerator: str = "auto") -> Path:
+                  progress: bool = True, tta: str | None = None, ensemble: str | None = None,
+                  merge: str | None = None, accelerator: str = "auto") -> Path:
     """Write `path,label,probability` (+ label_k, probability_k up to top_k, and error) for every
-    image, predicted with one TTA spec and one ensemble."""
+    image, predicted with one TTA spec and one ensemble (left out: see ``prediction_defaults``)."""
     run = RunDir.open(run_dir)
     classes = run.classes()
+    tta, ensemble, merge = prediction_defaults(run, tta, ensemble, merge)
     if not 1 <= top_k <= len(classes):
         raise ConfigError(f"--top-k {top_k} must be between 1 and the number of classes ({len(classes)})")
     if len(parse_tta_list(tta)) != 1 or len(parse_ensemble_list(ensemble)) != 1:

@@ -27,6 +27,7 @@ from transferkit.backbones.factory import DataConfig
 from transferkit.errors import ConfigError
 from transferkit.pipelines.data.features import head_matches, pre_logits
 from transferkit.pipelines.devices import choose_device
+from transferkit.pipelines.evaluate.calibration import apply_temperature, temperature_of
 from transferkit.pipelines.evaluate.loading import Blueprint, load_weights
 from transferkit.pipelines.evaluate.members import ENSEMBLES, RunWeights
 from transferkit.pipelines.rundir import RunDir
@@ -137,8 +138,9 @@ class Predictor:
         members = {e: weights.members(e) for e in names}  # errors before any model is built
         unique = list(dict.fromkeys(m for ms in members.values() for m in ms))
         template, data_cfg = Blueprint.of_run(run).build()
-        models = [load_weights(copy.deepcopy(template), weights.state_dict(m), run.checkpoint(m.checkpoint))
-                  for m in unique]
+        models = [apply_temperature(load_weights(copy.deepcopy(template), weights.state_dict(m),
+                                                 run.checkpoint(m.checkpoint)),
+                                    temperature_of(weights.load(m.checkpoint), m.key)) for m in unique]
         return cls(models, [m.name for m in unique], {e: [unique.index(m) for m in ms] for e, ms in members.items()},
                    data_cfg, len(run.classes()), tta, merge, choose_device(accelerator))
 

@@ -50,6 +50,7 @@ from transferkit.pipelines.data.folders import scan_folder, stratified_split
 from transferkit.pipelines.data.images import load_rgb
 from transferkit.pipelines.data.splits import read_skipped_csv, read_split_csv, write_skipped_csv, write_split_csv
 from transferkit.pipelines.devices import choose_device
+from transferkit.pipelines.evaluate.calibration import calibration_record, fit_temperature, store_temperature
 from transferkit.pipelines.evaluate.members import RunWeights
 from transferkit.pipelines.evaluate.metrics import classification_metrics, predict_proba
 from transferkit.pipelines.evaluate.plots import plot_confusion, plot_curves
@@ -509,6 +510,13 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         "data_config": backbone.data_cfg.to_dict(),
         "metrics": metrics,
     }
+    if cfg.calibrate == "temperature":
+        t = fit_temperature(probs, labels)
+        report["calibration"] = calibration_record(probs, labels, t)
+        store_temperature(best, t)
+        log.info("temperature %.3f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f (fitted on val)", t,
+                 report["calibration"]["before"]["nll"], report["calibration"]["after"]["nll"],
+                 report["calibration"]["before"]["ece"], report["calibration"]["after"]["ece"])
     report["ensembles"] = RunWeights(run).available()  # the `evaluate --ensemble` values this run offers
     run.write_json(run.report, report)
     plot_curves(run.metrics, run.plots / "curves.png")
