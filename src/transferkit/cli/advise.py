@@ -13,9 +13,11 @@ def add_advise(sub) -> None:
                            " similarity (linear and k-NN probes, LogME, BatchNorm shift, per-stage probes);"
                            " prints the strategy `fit --finetune auto` would use and why."))
     p.add_argument("data", help="image folder, as for fit")
-    p.add_argument("--backbone", "--model", dest="backbone", default="resnet50", help="any timm model name")
+    p.add_argument("--backbone", "--model", dest="backbone", default="resnet50",
+                   help="any timm model name; several, comma-separated, are ranked for this data")
     p.add_argument("--weights", default=None, help="local .safetensors/.pth with the backbone's weights")
-    p.add_argument("--backbone-plugin", default=None, help="Python file that registers extra timm models")
+    p.add_argument("--backbone-plugin", default=None,
+                   help="Python file that registers extra timm models (comma-separated: one per --backbone)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="measure random weights (a baseline, not advice)")
     p.add_argument("--image-size", type=int, default=None)
@@ -36,6 +38,14 @@ def _cmd_advise(args) -> int:
                     batch_size=args.batch_size, workers=args.workers, accelerator=args.accelerator)
     FitConfig.build({"data": args.data, "backbone": args.backbone, **settings}, source="cli")  # before heavy imports
     quiet_lightning(args.verbose)
+    if "," in args.backbone:
+        from transferkit.pipelines.advise import rank_backbones, ranking_table
+
+        rows = rank_backbones(args.data, args.backbone, progress=progress(), source="cli", **settings)
+        print(json.dumps(rows, indent=2) if args.json else ranking_table(rows))
+        if not args.json:
+            print(f"`transferkit fit {args.data} --backbone {args.backbone}` fits {rows[0]['backbone']}")
+        return 0
     from transferkit.pipelines.advise import advise
 
     advice, info = advise(args.data, args.backbone, progress=progress(), source="cli", **settings)

@@ -122,9 +122,12 @@ def _fit_config(args: argparse.Namespace):
     if not merged.get("data"):
         raise UserError("fit needs DATA, the image folder (or --config FILE of a run, or --resume RUN_DIR)")
     # Absolute paths, so that config.yaml replays, resumes and evaluates from any directory.
-    for key in ("data", "weights", "backbone_plugin"):
+    for key in ("data", "weights"):
         if merged.get(key):
             merged[key] = str(Path(merged[key]).expanduser().absolute())
+    if merged.get("backbone_plugin"):  # one file per --backbone candidate, comma-separated
+        merged["backbone_plugin"] = ",".join(str(Path(p).expanduser().absolute())
+                                             for p in merged["backbone_plugin"].split(","))
     if not merged.get("out"):
         merged["out"] = default_out(merged.get("backbone", FitConfig.backbone))
     return FitConfig.build(merged, source="cli")

@@ -244,7 +244,8 @@ def _unique_keys_loader():
 
 
 def default_out(backbone: str) -> str:
-    return str(Path("runs") / f"{backbone.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = backbone.replace('/', '_').replace(':', '_').replace(',', '+')
+    return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # ----------------------------------------------------------------------------- the table
