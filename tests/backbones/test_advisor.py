@@ -199,8 +199,19 @@ def test_advice_serialises_and_summarises():
     assert data["measurements"]["class_counts"] == {"0": 31, "1": 31}
     lines = advice.summary().splitlines()
     assert lines[0] == "advice: freeze (backbone frozen), head lr 0.01"
-    assert lines[1:] == [f"  - {r}" for r in advice.reasons]
+    assert lines[1:-1] == [f"  - {r}" for r in advice.reasons]
     assert advice.reasons[-1].startswith("small and similar -> freeze")
+    assert lines[-1].startswith("  - margins past the thresholds: size -0.38, similarity ")
+    assert data["margins"]["size"] == pytest.approx(-0.38) and data["runner_up"] is None
+
+
+def test_a_close_call_names_the_runner_up():
+    close = decide(made(45, 0.95), num_groups=6)  # 45 per class: just under the size threshold of 50
+    assert close.strategy == "freeze" and close.runner_up == "partial"
+    assert close.margins["size"] == pytest.approx(-0.1)
+    assert "a close call: the runner-up is partial" in close.summary()
+    far = decide(made(500, 0.95), num_groups=6)
+    assert far.strategy == "partial" and far.runner_up is None
 
 
 def test_decide_rejects_a_model_without_groups():

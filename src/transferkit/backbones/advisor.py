@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -127,17 +127,27 @@ class Advice:
     lr: float
     reasons: list[str]
     measurements: Measurements
+    # How far each measurement cleared the threshold that decided it (see ``decide``), and the
+    # strategy the closest one would have given on the other side, when it is close.
+    margins: dict[str, float] = field(default_factory=dict)
+    runner_up: str | None = None
 
     def to_dict(self) -> dict:
         return {"strategy": self.strategy, "trainable_groups": self.trainable_groups, "lr": self.lr,
-                "reasons": list(self.reasons),
+                "reasons": list(self.reasons), "margins": dict(self.margins), "runner_up": self.runner_up,
                 "measurements": self.measurements.to_dict()}
 
     def summary(self) -> str:
         groups = {0: "backbone frozen", None: "all groups train"}.get(
             self.trainable_groups, f"top {self.trainable_groups} group(s) train")
         lines = [f"advice: {self.strategy} ({groups}), head lr {self.lr:g}"]
-        return "\n".join(lines + [f"  - {r}" for r in self.reasons])
+        lines += [f"  - {r}" for r in self.reasons]
+        if self.margins:
+            sure = ", ".join(f"{k} {v:+.2f}" for k, v in self.margins.items())
+            close = (f"; a close call: the runner-up is {self.runner_up}" if self.runner_up
+                     else "; no threshold is close")
+            lines.append(f"  - margins past the thresholds: {sure}{close}")
+        return "\n".join(lines)
 
 
 # --- One pass of the frozen backbone -----------------------------------------------------------
@@ -357,18 +367,49 @@ def decide(m: Measurements, *, num_groups: int, group_labels: Sequence[str] | No
     similar, why = _similar(m)
     reasons += why
 
+    choice = _choose(m, small, similar, num_groups, group_labels, reasons)
+    margins = _margins(m)
+    runner_up = None
+    close = [k for k, v in margins.items() if abs(v) < CLOSE_MARGIN[k]]
+    if close:
+        nearest = min(close, key=lambda k: abs(margins[k]) / CLOSE_MARGIN[k])
+        other = _choose(m, small ^ (nearest == "size"), similar ^ (nearest != "size"), num_groups, group_labels, [])
+        runner_up = other[0] if other[0] != choice[0] else None
+    return Advice(*choice, reasons=reasons, measurements=m, margins=margins, runner_up=runner_up)
+
+
+# A decision is close when a measurement sits this near its threshold: a quarter of the size
+# threshold (relative), 0.05 of normalised probe gain, 0.02 of BatchNorm shift.
+CLOSE_MARGIN = {"size": 0.25, "similarity": 0.05, "batchnorm shift": 0.02}
+
+
+def _margins(m: Measurements) -> dict[str, float]:
+    """Signed distance of each deciding measurement past its threshold (positive: large, similar)."""
+    out = {"size": (m.median_per_class - LARGE_PER_CLASS) / LARGE_PER_CLASS}
+    gain = m.similarity
+    if gain is None:
+        return out
+    if gain >= SIMILAR_GAIN:
+        out["similarity"] = gain - SIMILAR_GAIN
+    elif gain < DIFFERENT_GAIN:
+        out["similarity"] = gain - DIFFERENT_GAIN
+    elif m.bn_shift is not None:
+        out["batchnorm shift"] = BN_SHIFT_DIFFERENT - m.bn_shift  # positive: similar
+    return out
+
+
+def _choose(m: Measurements, small: bool, similar: bool, num_groups: int, group_labels: Sequence[str] | None,
+            reasons: list[str]) -> tuple[str, int | None, float]:
     if small and similar:
         reasons.append(f"small and similar -> freeze: train only the new head on the frozen features, "
                        f"lr {FREEZE_HEAD_LR:g}")
-        choice = ("freeze", 0, FREEZE_HEAD_LR)
-    elif similar:
+        return "freeze", 0, FREEZE_HEAD_LR
+    if similar:
         k = max(1, min(num_groups - 1, round(num_groups * PARTIAL_TOP_FRACTION)))
         reasons.append(f"large and similar -> partial: adapt the top {k} of {num_groups} groups, keep the "
                        f"generic lower ones")
-        choice = ("partial", k, PARTIAL_HEAD_LR)
-    else:
-        choice = _different(m, small, num_groups, group_labels, reasons)
-    return Advice(*choice, reasons=reasons, measurements=m)
+        return "partial", k, PARTIAL_HEAD_LR
+    return _different(m, small, num_groups, group_labels, reasons)
 
 
 def _groups_above(stage: str, index: int, count: int, num_groups: int,
