@@ -146,7 +146,9 @@ def pick_backbone(cfg: FitConfig, progress: bool) -> tuple[FitConfig, list[dict]
 def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
     """Continue an interrupted run from its last complete epoch, with its own config and splits."""
     run = RunDir.open(run_dir)
-    cfg = FitConfig.build({**run.read_config()["fit"], "out": str(run.path)}, source=str(run.config))
+    settings = run.read_config()["fit"]
+    settings.setdefault("head_solver", "sgd")  # a run from before solved heads trained its head for epochs
+    cfg = FitConfig.build({**settings, "out": str(run.path)}, source=str(run.config))
     if launched_as_rank_zero():
         run.lock()
     ckpt = run.resumable()
