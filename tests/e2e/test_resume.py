@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -124,7 +125,9 @@ def test_cached_freeze_with_ema_and_snapshots_resumes_to_the_same_end(data, weig
 
 @pytest.mark.parametrize("cache", ["1", "0"], ids=["cached probe", "probe on images"])
 def test_lp_ft_interrupted_in_its_probe_phase_resumes_to_the_same_end(data, weights, tmp_path, cache):
-    args = [*ARGS, "--epochs", "3", "--weights", str(weights), "--finetune", "lp-ft", "--cache-views", cache]
+    # a probe trained for epochs (sgd), so that there is a probe phase to interrupt
+    args = [*ARGS, "--epochs", "3", "--weights", str(weights), "--finetune", "lp-ft", "--cache-views", cache,
+            "--head-solver", "sgd"]
     args.remove("--no-pretrained")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(["fit", str(data), "--out", str(whole), *args]) == 0
@@ -174,3 +177,15 @@ def test_sigkill_at_any_moment_leaves_only_complete_checkpoints(data, tmp_path):
             assert "state_dict" in ck
     assert main(["fit", "--resume", str(out)]) == 0
     assert [int(r["epoch"]) for r in _rows(out)] == list(range(1, 9))
+
+
+def test_lp_ft_with_a_solved_probe_interrupted_in_fine_tuning_resumes_to_the_same_end(data, weights, tmp_path):
+    args = [*ARGS, "--epochs", "3", "--weights", str(weights), "--finetune", "lp-ft"]
+    args.remove("--no-pretrained")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["fit", str(data), "--out", str(whole), *args]) == 0
+    assert [int(r["epoch"]) for r in _rows(whole)] == [1, 2, 3, 4]  # the solved probe, then 3 fine-tuning epochs
+    assert _fit_interrupted_at(2, ["fit", str(data), "--out", str(cut), *args]) == 130
+    assert main(["fit", "--resume", str(cut)]) == 0
+    _same_end(whole, cut)
+    assert json.loads((cut / "report.json").read_text())["head_solver"]["solver"] == "lbfgs"
