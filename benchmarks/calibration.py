@@ -43,7 +43,7 @@ def main() -> int:
         for name, data in (("hymenoptera", SHARED / "data" / "hymenoptera"),
                            ("breastmnist", breastmnist_folder(tmp / "breastmnist"))):
             run = transferkit.fit(data, backbone="mobilenetv1_025", backbone_plugin=plugin, finetune=args.finetune,
-                                  epochs=args.epochs, calibrate="temperature", out=tmp / name, workers=2,
+                                  epochs=args.epochs, calibrate="temperature", out=tmp / f"run-{name}", workers=2,
                                   progress=False)
             c = run.report["calibration"]
             print(f"{name} ({args.finetune}, {args.epochs} epochs): T = {c['temperature']:.3f}; val (fitted on it):"

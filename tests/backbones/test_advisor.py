@@ -199,7 +199,8 @@ def test_advice_serialises_and_summarises():
     assert data["measurements"]["class_counts"] == {"0": 31, "1": 31}
     lines = advice.summary().splitlines()
     assert lines[0] == "advice: freeze (backbone frozen), head lr 0.01"
-    assert lines[1:-1] == [f"  - {r}" for r in advice.reasons]
+    assert lines[1:-2] == [f"  - {r}" for r in advice.reasons]
+    assert lines[-2].startswith("  - expected freeze accuracy ")
     assert advice.reasons[-1].startswith("small and similar -> freeze")
     assert lines[-1].startswith("  - margins past the thresholds: size -0.38, similarity ")
     assert data["margins"]["size"] == pytest.approx(-0.38) and data["runner_up"] is None

@@ -142,6 +142,10 @@ class Advice:
             self.trainable_groups, f"top {self.trainable_groups} group(s) train")
         lines = [f"advice: {self.strategy} ({groups}), head lr {self.lr:g}"]
         lines += [f"  - {r}" for r in self.reasons]
+        expected = self.measurements.probe.get("logreg")
+        if expected is not None:
+            lines.append(f"  - expected freeze accuracy {expected:.3f} (the solved head's held-out accuracy in"
+                         f" {self.measurements.probe.get('folds')}-fold cross-validation)")
         if self.margins:
             sure = ", ".join(f"{k} {v:+.2f}" for k, v in self.margins.items())
             close = (f"; a close call: the runner-up is {self.runner_up}" if self.runner_up
