@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # Where a checkpoint keeps how its head was solved (l2, folds, accuracy), for the report.
 SOLVED_KEY = "solved_head"
 
+
 @dataclass(frozen=True)
 class Optim:
     """The optimizer's settings (the rate itself comes from the Plan)."""

@@ -194,7 +194,7 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
     failures = FailureLog(run.failures, strict=cfg.strict)  # files that break from here on
     # only freeze and lp-ft read features (auto may turn out freeze, on a rank that has not measured)
     feature_ok = cfg.finetune in ("auto", "freeze", "lp-ft") and features_exact(cfg, backbone.model, split, pixels)
-    solve = feature_ok and cfg.solved_head
+    solve = feature_ok and cfg.solved_head and solvable(cfg, backbone.model)
     schedule = make_schedule(cfg, plan, solve)
     module = make_module(cfg, backbone, plan, schedule, split.classes)
     module.phases = phases_for(plan, schedule, feature_ok, solve)
@@ -344,6 +344,19 @@ def phases_for(plan: Plan, schedule: Schedule, feature_ok: bool, solve: bool) ->
     if plan.strategy == "lp-ft":
         return Phases(head_until=schedule.probe_epochs, features=feature_ok, solve=solve)
     return Phases()
+
+
+def solvable(cfg: FitConfig, model: torch.nn.Module) -> bool:
+    """A solved head is an ``nn.Linear`` on the pooled features; other classifiers train (sgd)."""
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        return True
+    if cfg.head_solver == "lbfgs":
+        raise ConfigError(f"--head-solver lbfgs solves a linear head; {cfg.backbone}'s classifier is a"
+                          f" {type(head).__name__}: use --head-solver sgd")
+    log.info("%s's classifier is a %s, not a linear layer: the head trains for --epochs (sgd)", cfg.backbone,
+             type(head).__name__)
+    return False
 
 
 def solve_head(cfg: FitConfig, data: FitDataModule, split: Split) -> ProbeFit:
