@@ -51,3 +51,21 @@ def test_a_plan_saved_for_other_groups_is_refused_by_name():
     other = layer_groups(timm.create_model("test_efficientnet", num_classes=3))
     with pytest.raises(ConfigError, match="that this backbone does not have"):
         Plan.from_dict(plan.to_dict(), other)
+
+
+def test_a_head_is_solved_only_when_it_is_a_linear_layer():
+    import torch
+
+    from transferkit.errors import ConfigError
+    from transferkit.pipelines.settings import FitConfig
+    from transferkit.pipelines.train.recipe import solvable
+
+    linear = timm.create_model("test_resnet", num_classes=3)
+    assert solvable(FitConfig.build({"data": "d"}), linear)
+    linear.reset_classifier(0)
+    linear.fc = torch.nn.Sequential(torch.nn.Linear(8, 3))
+    linear.get_classifier = lambda: linear.fc
+    assert not solvable(FitConfig.build({"data": "d"}), linear)  # default: train it instead
+    with pytest.raises(ConfigError, match="solves a linear head; test_resnet's classifier is a Sequential"):
+        solvable(FitConfig.build({"data": "d", "backbone": "test_resnet", "head_solver": "lbfgs",
+                                  "finetune": "freeze"}), linear)
