@@ -64,3 +64,12 @@ def test_lightning_floor_is_the_first_release_with_the_api_the_code_calls():
     assert installed >= (2, 6)
     assert "weights_only" in inspect.signature(pl.Trainer.fit).parameters
     assert "weights_only" in inspect.signature(pl.Trainer.save_checkpoint).parameters
+
+
+def test_test_modules_have_unique_basenames():
+    # tests/ has no __init__.py: pytest imports each module by its basename, so two of one name
+    # stop the whole collection.
+    from collections import Counter
+
+    names = Counter(p.name for p in (SRC.parents[1] / "tests").rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1]

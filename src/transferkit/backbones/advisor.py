@@ -1,5 +1,8 @@
 """Dataset size + measured similarity to the backbone's pretraining data -> a fine-tuning strategy.
 
+(lines: the measurements and the decision that reads them stay side by side, so that every
+threshold sits next to the number it judges.)
+
 ``measure`` makes one pass of the frozen backbone over the training split and records what the
 decision needs: how many images each class has, how well simple probes separate the classes on
 the pooled features (and on earlier stages' features), the LogME score, and how far the data's

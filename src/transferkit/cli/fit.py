@@ -146,9 +146,10 @@ def _cmd_fit(args) -> int:
     else:
         cfg = _fit_config(args)
         quiet_lightning(args.verbose)
+        from transferkit.pipelines.advise import fit_best
         from transferkit.pipelines.train.recipe import fit
 
-        report = fit(cfg, progress=progress())
+        report = (fit_best if "," in cfg.backbone else fit)(cfg, progress=progress())
         out = cfg.out
     if report is None:
         return 0

@@ -126,3 +126,32 @@ def ranking_table(rows: list[dict]) -> str:
         lines.append(f"{r['rank']:>4}  {r['backbone']:<24} {acc:>10} {logme:>7} {r['ms_per_image']:>7.2f}"
                      f" {r['freeze_epoch_seconds']:>10.1f} / {r['full_epoch_seconds']:<8.1f}  {r['strategy']}")
     return "\n".join(lines)
+
+
+def fit_best(cfg: FitConfig, *, progress: bool = True) -> dict | None:
+    """``fit`` with several backbones (``cfg.backbone = "a,b,c"``): rank them on the training
+    split, fit the first, and keep the ranking in report.json (``backbone_ranking``). One process
+    only: a multi-device fit takes one backbone."""
+    import logging
+    import os
+
+    from transferkit.errors import ConfigError
+    from transferkit.pipelines.rundir import RunDir
+    from transferkit.pipelines.train.recipe import fit
+
+    if cfg.num_nodes > 1 or (isinstance(cfg.devices_arg, int) and cfg.devices_arg > 1) or \
+            int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--backbone {cfg.backbone} ranks backbones in one process; run `transferkit advise DATA"
+                          f" --backbone {cfg.backbone}` first, then fit the best one on several devices")
+    RunDir(cfg.out).check_creatable(overwrite=cfg.overwrite)  # before minutes of measuring
+    keys = ("pretrained", "weights", "backbone_plugin", "image_size", "val_fraction", "seed", "batch_size",
+            "workers", "accelerator")
+    rows = rank_backbones(cfg.data, cfg.backbone, progress=progress, **{k: getattr(cfg, k) for k in keys})
+    best = rows[0]
+    logging.getLogger(__name__).info("backbone ranking: %s; fitting %s", ", ".join(
+        f"{r['rank']}. {r['backbone']} ({r['expected_freeze_accuracy']:.3f})" for r in rows), best["backbone"])
+    report = fit(cfg.replace(backbone=best["backbone"], backbone_plugin=best["backbone_plugin"]), progress=progress)
+    if report is not None:
+        report["backbone_ranking"] = rows
+        RunDir(cfg.out).write_json(RunDir(cfg.out).report, report)
+    return report

@@ -37,6 +37,7 @@ def fit(data: str | Path, *, backbone: str = "resnet50", finetune: str = "auto",
     ``runs/<backbone>-<time>``. With several processes every rank returns the same run; its files
     are written by rank 0.
     """
+    from transferkit.pipelines.advise import fit_best
     from transferkit.pipelines.train.recipe import fit as fit_recipe
 
     values = {"data": str(Path(data).expanduser().absolute()), "backbone": backbone, "finetune": finetune,
@@ -46,7 +47,7 @@ def fit(data: str | Path, *, backbone: str = "resnet50", finetune: str = "auto",
         if isinstance(values.get(key), Path):
             values[key] = str(values[key])
     cfg = FitConfig.build(values, source="api")
-    fit_recipe(cfg, progress=_progress(progress))
+    (fit_best if "," in cfg.backbone else fit_recipe)(cfg, progress=_progress(progress))
     return Run(cfg.out)
 
 

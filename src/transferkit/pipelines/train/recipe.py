@@ -112,35 +112,13 @@ def default_workers() -> int:
 
 def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
     """Train and write the run directory ``cfg.out`` (default ``runs/<backbone>-<time>``); the
-    report on rank 0, None on other ranks. ``backbone="a,b,c"``: rank them first, fit the best."""
+    report on rank 0, None on other ranks. Several backbones (``"a,b,c"``): ``advise.fit_best``."""
+    if "," in cfg.backbone:
+        raise ConfigError(f"--backbone {cfg.backbone} names several backbones: fit them through"
+                          " `advise.fit_best` (what `transferkit fit` and `transferkit.fit` do), which fits the best")
     if not cfg.out:
         cfg = cfg.replace(out=default_out(cfg.backbone))
-    ranking = None
-    if "," in cfg.backbone:
-        cfg, ranking = pick_backbone(cfg, progress)
-    report = _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress)
-    if ranking is not None and report is not None:
-        report["backbone_ranking"] = ranking
-        RunDir(cfg.out).write_json(RunDir(cfg.out).report, report)
-    return report
-
-
-def pick_backbone(cfg: FitConfig, progress: bool) -> tuple[FitConfig, list[dict]]:
-    """The config with the best-ranked of ``cfg.backbone``'s candidates (one process only)."""
-    from transferkit.pipelines.advise import rank_backbones
-
-    if cfg.num_nodes > 1 or (isinstance(cfg.devices_arg, int) and cfg.devices_arg > 1) or \
-            int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"--backbone {cfg.backbone} ranks backbones in one process; run `transferkit advise DATA"
-                          f" --backbone {cfg.backbone}` first, then fit the best one on several devices")
-    RunDir(cfg.out).check_creatable(overwrite=cfg.overwrite)  # before minutes of measuring
-    keys = ("pretrained", "weights", "backbone_plugin", "image_size", "val_fraction", "seed", "batch_size",
-            "workers", "accelerator")
-    rows = rank_backbones(cfg.data, cfg.backbone, progress=progress, **{k: getattr(cfg, k) for k in keys})
-    best = rows[0]
-    log.info("backbone ranking: %s; fitting %s", ", ".join(
-        f"{r['rank']}. {r['backbone']} ({r['expected_freeze_accuracy']:.3f})" for r in rows), best["backbone"])
-    return cfg.replace(backbone=best["backbone"], backbone_plugin=best["backbone_plugin"]), rows
+    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
