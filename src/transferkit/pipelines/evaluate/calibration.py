@@ -84,12 +84,9 @@ def store_temperature(path, temperature: float) -> None:
 
 def calibration_record(probs: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
     """What the temperature did on the split it was fitted on: NLL and ECE before and after."""
-    from transferkit.pipelines.evaluate.metrics import expected_calibration_error
-
-    def nll(p: np.ndarray) -> float:
-        return float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1.0)).mean()) + 0.0  # never -0.0
+    from transferkit.pipelines.evaluate.metrics import expected_calibration_error, negative_log_likelihood
 
     after = scale(probs, temperature)
     return {"method": "temperature", "temperature": temperature, "images": int(len(labels)),
-            "before": {"nll": nll(probs), "ece": expected_calibration_error(probs, labels)},
-            "after": {"nll": nll(after), "ece": expected_calibration_error(after, labels)}}
+            "before": {"nll": negative_log_likelihood(probs, labels), "ece": expected_calibration_error(probs, labels)},
+            "after": {"nll": negative_log_likelihood(after, labels), "ece": expected_calibration_error(after, labels)}}

@@ -35,13 +35,19 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(np.sum(b["count"][used] / b["count"].sum() * gap))
 
 
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean NLL of the true labels (probabilities clipped at 1e-12), as every report states it."""
+    from sklearn.metrics import log_loss
+
+    return float(log_loss(labels, np.clip(probs, 1e-12, 1.0), labels=list(range(probs.shape[1]))))
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict:
     from sklearn.metrics import (
         accuracy_score,
         classification_report,
         confusion_matrix,
         f1_score,
-        log_loss,
         top_k_accuracy_score,
     )
 
@@ -51,7 +57,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
     out = {
         "accuracy": float(accuracy_score(labels, pred)),
         "macro_f1": float(f1_score(labels, pred, average="macro", labels=ids, zero_division=0)),
-        "nll": float(log_loss(labels, np.clip(probs, 1e-12, 1.0), labels=ids)),
+        "nll": negative_log_likelihood(probs, labels),
         "ece": expected_calibration_error(probs, labels),
         "count": int(len(labels)),
     }
