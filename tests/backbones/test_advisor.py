@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.backbones.advisor import (
-    FREEZE_HEAD_LR, PARTIAL_HEAD_LR, Measurements, bn_shift, decide,
+    FREEZE_HEAD_LR, PARTIAL_HEAD_LR, THRESHOLDS, Measurements, Thresholds, bn_shift, decide,
     extract_features, logme, measure, measure_with_features, probe_accuracy, stage_probe)
 from transferkit.errors import BackboneError, DataError
 
@@ -159,6 +159,27 @@ def test_small_and_different_places_the_best_stage_among_named_groups():
     assert (advice.strategy, advice.trainable_groups) == ("partial", 2)  # layer3 and layer4 retrain
     with pytest.raises(ValueError, match="group labels"):
         decide(made(40, 0.62), num_groups=4, group_labels=labels)
+
+
+def test_thresholds_are_a_parameter_and_the_reasons_quote_the_ones_used():
+    m = made(80, 0.95)
+    assert decide(m, num_groups=6).strategy == "partial"  # 80 >= the shipped 50
+    strict = Thresholds(large_per_class=100, stage_margin=0.1)
+    advice = decide(m, num_groups=6, thresholds=strict)
+    assert advice.strategy == "freeze" and "80 images per class" in advice.reasons[0] and "< 100:" in advice.reasons[0]
+    assert advice.margins["size"] == pytest.approx(-0.2)
+    assert THRESHOLDS == Thresholds() and "large >= 100/class" in strict.describe()
+    # A stage 0.05 better retrains from it at the shipped margin (0.03), not at 0.1.
+    stages = {"s0": 0.60, "s1": 0.67, "final": 0.62}
+    assert decide(made(40, 0.62, stages=stages), num_groups=6).strategy == "partial"
+    assert decide(made(40, 0.62, stages=stages), num_groups=6, thresholds=strict).strategy == "freeze"
+
+
+def test_measurements_round_trip_through_their_dict():
+    m = made(40, 0.62, bn=0.07, stages={"s0": 0.6, "final": 0.62}, classes=3)
+    back = Measurements.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert back == m
+    assert decide(back, num_groups=6).to_dict() == decide(m, num_groups=6).to_dict()
 
 
 def test_too_few_images_to_probe_freezes():

@@ -35,7 +35,7 @@ from transferkit.backbones.transferability import (
 from transferkit.backbones.strategies import DEFAULT_LR
 from transferkit.errors import BackboneError, DataError
 
-__all__ = ["Advice", "Measurements", "bn_shift", "decide", "extract_features", "logme", "measure",
+__all__ = ["Advice", "Measurements", "THRESHOLDS", "Thresholds", "bn_shift", "decide", "extract_features", "logme", "measure",
            "probe_accuracy", "stage_probe"]
 
 logger = logging.getLogger(__name__)
@@ -46,23 +46,33 @@ logger = logging.getLogger(__name__)
 #   hymenoptera (ImageNet-like photos, 122/class): normalised probe gain 0.79, BN shift 0.009, LogME -0.32
 #   BreastMNIST (grayscale ultrasound, 273/class): normalised probe gain 0.18, BN shift 0.18, LogME -0.47
 
-# Median images per class at or above which a dataset counts as large: enough images to
-# move backbone weights without overfitting them. In the grid, freeze was as good as partial
-# at 10 and 30 per class on both datasets and 2-6 points worse at 100 and above.
-LARGE_PER_CLASS = 50
-# Linear-probe accuracy above chance, normalised to (acc - chance) / (1 - chance): at or above
-# SIMILAR_GAIN the frozen features already separate the classes (similar); below
-# DIFFERENT_GAIN they do not (different); in between, the BatchNorm shift decides.
-SIMILAR_GAIN = 0.6
-DIFFERENT_GAIN = 0.3
-# Mean squared Hellinger distance (0..1) between the data's and the running BatchNorm
-# statistics above which a borderline dataset counts as different (the two references: 0.009, 0.18).
-# LogME is reported but has no threshold: its scale moves with the number of classes and the
-# feature dimension, so it ranks backbones on one dataset, not datasets against each other.
-BN_SHIFT_DIFFERENT = 0.05
-# An earlier stage whose probe beats the final features by this much accuracy says the top
-# groups are specialised to the pretraining task and should be retrained.
-STAGE_MARGIN = 0.03
+@dataclass(frozen=True)
+class Thresholds:
+    """The numbers ``decide`` compares measurements against (the defaults: ``THRESHOLDS``)."""
+
+    # Median images per class at or above which a dataset counts as large: enough images to
+    # move backbone weights without overfitting them.
+    large_per_class: float = 50
+    # Linear-probe accuracy above chance, normalised to (acc - chance) / (1 - chance): at or above
+    # similar_gain the frozen features already separate the classes (similar); below
+    # different_gain they do not (different); in between, the BatchNorm shift decides.
+    similar_gain: float = 0.6
+    different_gain: float = 0.3
+    # Mean squared Hellinger distance (0..1) between the data's and the running BatchNorm
+    # statistics above which a borderline dataset counts as different (the references: 0.009, 0.18).
+    # LogME is reported but has no threshold: its scale moves with the number of classes and the
+    # feature dimension, so it ranks backbones on one dataset, not datasets against each other.
+    bn_shift_different: float = 0.05
+    # An earlier stage whose probe beats the final features by this much accuracy says the top
+    # groups are specialised to the pretraining task and should be retrained.
+    stage_margin: float = 0.03
+
+    def describe(self) -> str:
+        return (f"large >= {self.large_per_class:g}/class, similar >= {self.similar_gain:g}, different < "
+                f"{self.different_gain:g}, BN shift > {self.bn_shift_different:g}, stage +{self.stage_margin:g}")
+
+
+THRESHOLDS = Thresholds()
 # Large and similar: the share of backbone groups, from the top, that train.
 PARTIAL_TOP_FRACTION = 1 / 3
 # Suggested head learning rates (AdamW). A frozen backbone takes a large one: a linear head on
@@ -106,6 +116,13 @@ class Measurements:
     def similarity(self) -> float | None:
         """The linear probe's accuracy above chance, normalised: 0 at chance, 1 when perfect."""
         return self.probe.get("normalized", {}).get("logreg")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Measurements":
+        """The inverse of ``to_dict`` (the derived keys it adds are ignored)."""
+        return cls(class_counts={int(k): int(v) for k, v in d["class_counts"].items()}, probe=d["probe"],
+                   logme=d.get("logme"), bn_shift=d.get("bn_shift"), stage_accuracy=d.get("stage_accuracy"),
+                   feature_dim=d.get("feature_dim", 0), seconds=d.get("seconds", 0.0))
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -321,7 +338,7 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _similar(m: Measurements) -> tuple[bool, list[str]]:
+def _similar(m: Measurements, t: Thresholds) -> tuple[bool, list[str]]:
     p, gain = m.probe, m.similarity
     if gain is None:
         return True, ["too few images per class to cross-validate a probe: similarity unmeasured, "
@@ -329,17 +346,17 @@ def _similar(m: Measurements) -> tuple[bool, list[str]]:
     probe = (f"linear probe accuracy {_fmt(p['logreg'])} = {_fmt(p['relative']['logreg'])} above chance "
              f"{_fmt(p['chance'])} (normalised {_fmt(gain)}; k-NN {_fmt(p.get('knn'))})")
     extras = f"LogME {_fmt(m.logme, 3)}, BatchNorm shift {_fmt(m.bn_shift, 3)}"
-    if gain >= SIMILAR_GAIN:
-        return True, [f"{probe} >= {SIMILAR_GAIN}: similar", extras]
-    if gain < DIFFERENT_GAIN:
-        return False, [f"{probe} < {DIFFERENT_GAIN}: different", extras]
+    if gain >= t.similar_gain:
+        return True, [f"{probe} >= {t.similar_gain:g}: similar", extras]
+    if gain < t.different_gain:
+        return False, [f"{probe} < {t.different_gain:g}: different", extras]
     if m.bn_shift is None:
-        return True, [f"{probe} between {DIFFERENT_GAIN} and {SIMILAR_GAIN}, no BatchNorm to compare: "
+        return True, [f"{probe} between {t.different_gain:g} and {t.similar_gain:g}, no BatchNorm to compare: "
                       f"leaning similar", extras]
-    similar = m.bn_shift <= BN_SHIFT_DIFFERENT
+    similar = m.bn_shift <= t.bn_shift_different
     word = "<=" if similar else ">"
-    return similar, [f"{probe} between {DIFFERENT_GAIN} and {SIMILAR_GAIN}; BatchNorm shift "
-                     f"{_fmt(m.bn_shift, 3)} {word} {BN_SHIFT_DIFFERENT}: {'similar' if similar else 'different'}",
+    return similar, [f"{probe} between {t.different_gain:g} and {t.similar_gain:g}; BatchNorm shift "
+                     f"{_fmt(m.bn_shift, 3)} {word} {t.bn_shift_different:g}: {'similar' if similar else 'different'}",
                      f"LogME {_fmt(m.logme, 3)}"]
 
 
@@ -353,34 +370,36 @@ def _best_earlier_stage(m: Measurements) -> tuple[int, str, float, int] | None:
     return names.index(best), best, acc[best], len(names)
 
 
-def decide(m: Measurements, *, num_groups: int, group_labels: Sequence[str] | None = None) -> Advice:
-    """Pick a strategy from the size and similarity quadrants (thresholds: module constants).
+def decide(m: Measurements, *, num_groups: int, group_labels: Sequence[str] | None = None,
+           thresholds: Thresholds = THRESHOLDS) -> Advice:
+    """Pick a strategy from the size and similarity quadrants (``thresholds``: ``THRESHOLDS`` unless given).
 
     ``num_groups`` is how many layer groups the backbone has, bottom to top, the head not counted;
     ``group_labels`` (``LayerGroups.labels``), when given, place the best earlier stage among
     them by module name, else stages map onto groups by their share of the depth.
     small & similar -> freeze; large & similar -> partial (top groups); different -> partial from
-    the best earlier stage up when one beats the final features by ``STAGE_MARGIN``, else freeze
+    the best earlier stage up when one beats the final features by ``stage_margin``, else freeze
     when small and partial (top groups) when large.
     """
+    t = thresholds
     if num_groups < 1:
         raise ValueError(f"num_groups must be at least 1, got {num_groups}")
     if group_labels is not None and len(group_labels) != num_groups:
         raise ValueError(f"{len(group_labels)} group labels for num_groups={num_groups}")
     median = m.median_per_class
-    small = median < LARGE_PER_CLASS
+    small = median < t.large_per_class
     reasons = [f"{median:g} images per class (median of {m.num_classes}; smallest {m.smallest_class}) "
-               f"{'<' if small else '>='} {LARGE_PER_CLASS}: {'small' if small else 'large'}"]
-    similar, why = _similar(m)
+               f"{'<' if small else '>='} {t.large_per_class:g}: {'small' if small else 'large'}"]
+    similar, why = _similar(m, t)
     reasons += why
 
-    choice = _choose(m, small, similar, num_groups, group_labels, reasons)
-    margins = _margins(m)
+    choice = _choose(m, t, small, similar, num_groups, group_labels, reasons)
+    margins = _margins(m, t)
     runner_up = None
     close = [k for k, v in margins.items() if abs(v) < CLOSE_MARGIN[k]]
     if close:
         nearest = min(close, key=lambda k: abs(margins[k]) / CLOSE_MARGIN[k])
-        other = _choose(m, small ^ (nearest == "size"), similar ^ (nearest != "size"), num_groups, group_labels, [])
+        other = _choose(m, t, small ^ (nearest == "size"), similar ^ (nearest != "size"), num_groups, group_labels, [])
         runner_up = other[0] if other[0] != choice[0] else None
     return Advice(*choice, reasons=reasons, measurements=m, margins=margins, runner_up=runner_up)
 
@@ -390,22 +409,22 @@ def decide(m: Measurements, *, num_groups: int, group_labels: Sequence[str] | No
 CLOSE_MARGIN = {"size": 0.25, "similarity": 0.05, "batchnorm shift": 0.02}
 
 
-def _margins(m: Measurements) -> dict[str, float]:
+def _margins(m: Measurements, t: Thresholds) -> dict[str, float]:
     """Signed distance of each deciding measurement past its threshold (positive: large, similar)."""
-    out = {"size": (m.median_per_class - LARGE_PER_CLASS) / LARGE_PER_CLASS}
+    out = {"size": (m.median_per_class - t.large_per_class) / t.large_per_class}
     gain = m.similarity
     if gain is None:
         return out
-    if gain >= SIMILAR_GAIN:
-        out["similarity"] = gain - SIMILAR_GAIN
-    elif gain < DIFFERENT_GAIN:
-        out["similarity"] = gain - DIFFERENT_GAIN
+    if gain >= t.similar_gain:
+        out["similarity"] = gain - t.similar_gain
+    elif gain < t.different_gain:
+        out["similarity"] = gain - t.different_gain
     elif m.bn_shift is not None:
-        out["batchnorm shift"] = BN_SHIFT_DIFFERENT - m.bn_shift  # positive: similar
+        out["batchnorm shift"] = t.bn_shift_different - m.bn_shift  # positive: similar
     return out
 
 
-def _choose(m: Measurements, small: bool, similar: bool, num_groups: int, group_labels: Sequence[str] | None,
+def _choose(m: Measurements, t: Thresholds, small: bool, similar: bool, num_groups: int, group_labels: Sequence[str] | None,
             reasons: list[str]) -> tuple[str, int | None, float]:
     if small and similar:
         reasons.append(f"small and similar -> freeze: train only the new head on the frozen features, "
@@ -416,7 +435,7 @@ def _choose(m: Measurements, small: bool, similar: bool, num_groups: int, group_
         reasons.append(f"large and similar -> partial: adapt the top {k} of {num_groups} groups, keep the "
                        f"generic lower ones")
         return "partial", k, PARTIAL_HEAD_LR
-    return _different(m, small, num_groups, group_labels, reasons)
+    return _different(m, t, small, num_groups, group_labels, reasons)
 
 
 def _groups_above(stage: str, index: int, count: int, num_groups: int,
@@ -429,7 +448,7 @@ def _groups_above(stage: str, index: int, count: int, num_groups: int,
     return min(num_groups, max(1, math.ceil(num_groups * (count - 1 - index) / count)))
 
 
-def _different(m: Measurements, small: bool, num_groups: int, group_labels: Sequence[str] | None,
+def _different(m: Measurements, t: Thresholds, small: bool, num_groups: int, group_labels: Sequence[str] | None,
                reasons: list[str]) -> tuple[str, int | None, float]:
     """Different data: measured, not guessed, by probing each stage's features.
 
@@ -442,11 +461,11 @@ def _different(m: Measurements, small: bool, num_groups: int, group_labels: Sequ
     size = "small" if small else "large"
     final = (m.stage_accuracy or {}).get("final", m.probe.get("logreg"))
     best = _best_earlier_stage(m)
-    if best is not None and final is not None and best[2] - final >= STAGE_MARGIN:
+    if best is not None and final is not None and best[2] - final >= t.stage_margin:
         index, name, acc, count = best
         k = _groups_above(name, index, count, num_groups, group_labels)
         reasons.append(f"stage {name} probes {acc:.2f} vs {final:.2f} for the final features "
-                       f"(+{acc - final:.2f} >= {STAGE_MARGIN}): the top groups are specialised to the "
+                       f"(+{acc - final:.2f} >= {t.stage_margin:g}): the top groups are specialised to the "
                        f"pretraining task")
         reasons.append(f"{size} and different -> partial: retrain the top {k} of {num_groups} groups, "
                        f"keep the lower ones")
@@ -454,7 +473,7 @@ def _different(m: Measurements, small: bool, num_groups: int, group_labels: Sequ
     if best is None:
         reasons.append("no per-stage probe measured")
     else:
-        reasons.append(f"no earlier stage beats the final features by {STAGE_MARGIN} (best {best[1]} "
+        reasons.append(f"no earlier stage beats the final features by {t.stage_margin:g} (best {best[1]} "
                        f"{best[2]:.2f} vs {_fmt(final)})")
     if small:
         reasons.append(f"small and different -> freeze: too few images to retrain features safely; "
