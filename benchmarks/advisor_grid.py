@@ -12,11 +12,12 @@ checkpoint (BreastMNIST: its val and test splits together, 234 images, so one im
 point). The advisor measures the cell's training images once; its measurements are kept, so its
 decision can be re-made offline for any thresholds.
 
-Then the thresholds (`advisor.Thresholds`) are chosen from a candidate grid by
-leave-one-dataset-out: for each dataset, the thresholds that pick best on the other three are
-scored on it. A pick is good when its accuracy, averaged over the seeds, is within 1 point of the
-best strategy's average. Simpler rules (one strategy always; a size threshold alone) are scored
-the same way beside the advisor's, so the simplest rule that does as well can be seen.
+Then rules are chosen from families of candidates by leave-one-dataset-out: for each dataset, the
+candidate that picks best on the other three is scored on it. A pick is good when its accuracy,
+averaged over the seeds, is within 1 point of the best strategy's average. The families, simplest
+first: one strategy always; a size threshold alone; size with a similarity exception (small data
+far from the pretraining domain retrains from a better earlier stage). The advisor as shipped
+(`advisor.decide` with `advisor.THRESHOLDS`) is scored on every cell beside them.
 
 Each training run is appended to --runs as it finishes; a second invocation with the same file
 trains only what is missing (and `--analyse-only` trains nothing).
@@ -163,6 +164,7 @@ def judged(cell: dict, picks: list[str]) -> tuple[float, bool]:
 
 
 def advisor_rule(thresholds):
+    """The shipped ``decide`` re-made offline from a cell's recorded measurements."""
     from transferkit.backbones.advisor import Measurements, decide
 
     def rule(advice: dict) -> str:
@@ -176,25 +178,32 @@ def size_rule(n: float, large: str = "partial"):
     return lambda advice: "freeze" if advice["measurements"]["median_per_class"] < n else large
 
 
+def similarity_rule(n: float, different: float, margin: float):
+    """The size rule, except that small data far from the pretraining domain (normalised probe gain
+    below `different`) retrains from an earlier stage whose probe beats the final features by
+    `margin` (the advisor's rule before this grid)."""
+    def rule(advice: dict) -> str:
+        m = advice["measurements"]
+        if m["median_per_class"] >= n:
+            return "partial"
+        stages = m.get("stage_accuracy") or {}
+        final, earlier = stages.get("final"), [v for k, v in stages.items() if k != "final" and v is not None]
+        gain = m.get("similarity")
+        far = gain is not None and gain < different
+        return "partial" if far and earlier and final is not None and max(earlier) - final >= margin else "freeze"
+    return rule
+
+
 def rule_families(strategies) -> dict[str, list[tuple[str, object]]]:
     """Named families of candidate rules, simplest first; each candidate is (description, rule)."""
-    from dataclasses import replace
-
-    from transferkit.backbones.advisor import THRESHOLDS
-
-    sizes = (15, 20, 40, 50, 75, 110, 150, 200, 300)
+    sizes = (15, 20, 25, 40, 50, 75, 110, 150, 200, 300)
     fams = {"one strategy always": [(s, (lambda s: lambda a: s)(s)) for s in strategies],
             "size alone": [(f"freeze below {n}/class, else {big}", size_rule(n, big))
                            for n in sizes for big in ("partial", "full") if big in strategies]}
-    advisor = []
-    for n, sim, diff, bn, stage in itertools.product(sizes, (0.5, 0.6, 0.7), (0.2, 0.3, 0.4), (0.03, 0.05, 0.1),
-                                                     (0.03, 0.06, 1.0)):
-        if diff >= sim:
-            continue
-        t = replace(THRESHOLDS, large_per_class=n, similar_gain=sim, different_gain=diff, bn_shift_different=bn,
-                    stage_margin=stage)
-        advisor.append((f"advisor {t.describe()}", advisor_rule(t)))
-    fams["advisor (all thresholds)"] = advisor
+    fams["size + similarity"] = [
+        (f"freeze below {n}/class unless normalised gain < {d:g} and an earlier stage is +{m:g}, else partial",
+         similarity_rule(n, d, m))
+        for n, d, m in itertools.product(sizes, (0.2, 0.3, 0.4, 0.5), (0.0, 0.03, 0.06))]
     return fams
 
 

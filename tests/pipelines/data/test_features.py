@@ -123,7 +123,7 @@ def test_advise_prints_a_strategy_with_reasons(color_folder, weights, capsys):
     assert main(["advise", str(color_folder), "--backbone", "test_resnet", "--weights", str(weights),
                  "--image-size", "32", "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
-    # 16 train images per class is "small"; colours are easy for any features: small and similar
+    # 16 train images per class is "small" (below 20): freeze
     assert body["measurements"]["median_per_class"] == 16
     assert body["measurements"]["similarity"] >= 0.6
     assert body["strategy"] == "freeze" and body["trainable_groups"] == 0

@@ -28,7 +28,7 @@ def test_auto_measures_decides_caches_and_reports(color_folder, weights, tmp_pat
     err = capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     ft = report["finetune"]
-    # 16 per class, easy colours: small and similar -> freeze, on cached features
+    # 16 per class: small -> freeze, on cached features
     assert ft["advice"]["strategy"] == ft["strategy"] == "freeze"
     assert ft["reason"] == "; ".join(ft["advice"]["reasons"]) and ft["lr"] == ft["advice"]["lr"] == 1e-2
     assert ft["trainable_groups"] == ["head"] and ft["trainable_parameters"] < ft["total_parameters"]
