@@ -71,7 +71,7 @@ def main() -> int:
                 store_temperature(rd.checkpoint("best"), 1.0)
                 predictor = Predictor.for_run(rd)
                 samples = eval_samples(rd, None, "val", run.classes)
-                probs, labels = predictor.predict(DataLoader(ImageDataset(samples, predictor.transform),
+                probs, labels, _ = predictor.predict(DataLoader(ImageDataset(samples, predictor.transform),
                                                              batch_size=32), progress=False)
                 probs = probs[0]
                 rng = np.random.default_rng(0)

@@ -101,3 +101,16 @@ def test_config_replay_without_out_never_reuses_the_old_directory(trained_run, t
     assert main(["fit", "--config", str(out / "config.yaml"), "--epochs", "1"]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("test_resnet-") and (run / "report.json").is_file()
+
+
+def test_print_config_prints_what_config_yaml_would_hold_and_writes_nothing(color_folder, tmp_path, capsys):
+    from transferkit.pipelines.settings import FitConfig
+
+    out = tmp_path / "never"
+    assert main(["fit", str(color_folder), "--out", str(out), "--epochs", "3", "--logger", "csv",
+                "--print-config"]) == 0
+    body = yaml.safe_load(capsys.readouterr().out)
+    assert body["transferkit"] == 1 and body["fit"]["epochs"] == 3 and body["fit"]["logger"] == "csv"
+    assert FitConfig.build(body["fit"]).out == str(out)
+    assert not out.exists()
+    assert main(["fit", str(color_folder), "--epochs", "0", "--print-config"]) == 2  # checked like a fit

@@ -131,7 +131,7 @@ def test_ten_crop_over_snapshots_is_the_merge_of_all_thirty_predictions(averaged
     _, out, _ = averaged
     run = RunDir(out)
     predictor = Predictor.for_run(run, "ten-crop", "snapshots", accelerator="cpu")
-    (got,), labels = predictor.predict(_val_loader(out, predictor), progress=False)
+    (got,), labels, _ = predictor.predict(_val_loader(out, predictor), progress=False)
     models = [load_model(run, f"snapshot-{i}")[0] for i in (1, 2, 3)]
     tta = TTA("ten-crop", size=32)
     want = torch.cat([predict_proba_ensemble(models, x, tta) for x, _, _ in _val_loader(out, predictor)])
@@ -174,7 +174,7 @@ def test_predict_takes_one_tta_spec_and_one_ensemble(averaged, tmp_path, capsys)
     run = RunDir(out)
     predictor = Predictor.for_run(run, "hflip", "snapshots", accelerator="cpu")
     loader = DataLoader(ImageDataset([Sample(r["path"], -1) for r in rows], predictor.transform), batch_size=8)
-    (probs,), _ = predictor.predict(loader, progress=False)
+    (probs,), _, _ = predictor.predict(loader, progress=False)
     classes = run.classes()
     for r, p in zip(rows, probs):
         assert r["label"] == classes[int(p.argmax())]
@@ -211,7 +211,7 @@ def test_members_of_a_frozen_run_share_one_backbone_pass(tmp_path):
                  "--ema", *FAST]) == 0
     run = RunDir(out)
     predictor = Predictor.for_run(run, "plain,five-crop", "none,ema,snapshots", accelerator="cpu")
-    shared, labels = predictor.predict(_val_loader(out, predictor), progress=False)
+    shared, labels, _ = predictor.predict(_val_loader(out, predictor), progress=False)
     assert predictor.shared_backbone is True and len(predictor.models) == 5
     separate = Predictor.for_run(run, "plain,five-crop", "none,ema,snapshots", accelerator="cpu")
     separate.shared_backbone = False

@@ -307,13 +307,18 @@ class TTA:
         # functional crop lets corners, scales and flips combine freely in one batch.
         h, w = self.size
         ch, cw = (h, w) if scale == 1.0 else (round(h / scale), round(w / scale))
-        height, width = x.shape[-2:]
-        if position == "center":
+        # Plain ints and slices (torchvision's own centring rule): a traced or exported graph keeps
+        # its fixed spatial size and only the batch dimension stays dynamic.
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        if ch > height or cw > width:
             crop = F.center_crop(x, [ch, cw])  # pads with zeros beyond the prepared region
         else:
-            top = 0 if position.startswith("top") else height - ch
-            left = 0 if position.endswith("left") else width - cw
-            crop = F.crop(x, top, left, ch, cw)
+            if position == "center":
+                top, left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
+            else:
+                top = 0 if position.startswith("top") else height - ch
+                left = 0 if position.endswith("left") else width - cw
+            crop = x[..., top:top + ch, left:left + cw]
         if (ch, cw) != (h, w):
             crop = F.resize(crop, [h, w], interpolation=self._mode, antialias=True)
         return crop

@@ -40,6 +40,10 @@ def add_evaluate(sub) -> None:
     p.add_argument("--select", action="store_true",
                    help="record the combination with the lowest val NLL as the run's default for predict"
                         " (RUN_DIR/selected.json)")
+    p.add_argument("--per-image", choices=("best", "all"), default="best",
+                   help="per-image rows (path, label, predicted, probability, loss, correct, top-k) in"
+                        " RUN_DIR/predictions-SPLIT.csv for the best combination; all: also"
+                        " predictions-SPLIT-TTA-ENSEMBLE.csv for every combination")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -49,7 +53,7 @@ def _cmd_evaluate(args) -> int:
     body = evaluate_run(args.run_dir, args.data, split=args.split, checkpoint=args.checkpoint, tta=args.tta,
                         ensemble=args.ensemble, merge=args.merge, batch_size=args.batch_size,
                         workers=args.workers, progress=progress(), accelerator=args.accelerator,
-                        calibrate=args.calibrate, select=args.select)
+                        calibrate=args.calibrate, select=args.select, per_image=args.per_image)
     if "calibration" in body:
         c = body["calibration"]
         print(f"temperature {c['temperature']:.3f} (fitted on val): NLL {c['before']['nll']:.4f} ->"
@@ -59,13 +63,17 @@ def _cmd_evaluate(args) -> int:
     if "selected" in body:
         s = body["selected"]
         print(f"selected for predict: --tta {s['tta']} --ensemble {s['ensemble']} (val NLL {s['nll']:.4f})")
+    confused = ", ".join(f"{c['label']} as {c['predicted']} ({c['count']})" for c in body["most_confused"][:3])
+    print(f"most confused: {confused or 'none'}; top losses and every image's row in"
+          f" {Path(args.run_dir) / f'predictions-{args.split}.csv'}")
     print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
     return 0
 
 
 def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict labels for image files and folders", formatter_class=_Formatter)
-    p.add_argument("run_dir", help="a run directory written by `transferkit fit`")
+    p.add_argument("run_dir", help="a run directory written by `transferkit fit`, or an onnx or torchscript folder"
+                                   " written by `transferkit export`")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--top-k", type=int, default=1, help="also write the next K-1 labels and probabilities")

@@ -8,7 +8,7 @@ from transferkit.cli.common import Formatter as _Formatter
 from transferkit.cli.common import progress, quiet_lightning
 from transferkit.errors import UserError
 
-_NOT_SETTINGS = ("func", "config", "resume", "verbose", "command")
+_NOT_SETTINGS = ("func", "config", "resume", "verbose", "command", "print_config")
 
 
 def add_fit(sub) -> None:
@@ -26,6 +26,8 @@ def add_fit(sub) -> None:
     p.add_argument("--out", help="run directory (default: runs/<backbone>-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run")
+    p.add_argument("--print-config", action="store_true", default=False,
+                   help="print the resolved settings as config.yaml would hold them (replay with --config) and exit")
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", "--model", dest="backbone",
                    help=f"any timm model name, or hf-hub:ORG/NAME, local-dir:FOLDER (default {d.backbone})")
@@ -100,6 +102,11 @@ def add_fit(sub) -> None:
     g.add_argument("--devices", help=f"number of devices or 'auto' (default {d.devices})")
     g.add_argument("--num-nodes", type=int, help=f"machines (default {d.num_nodes})")
     g.add_argument("--precision", help=f"32-true, 16-mixed, bf16-mixed ... (default {d.precision})")
+    g = p.add_argument_group("experiment tracking (beside RUN_DIR/metrics.csv; pip install 'transferkit[track]')")
+    g.add_argument("--logger", help="Lightning loggers, comma-separated: csv (RUN_DIR/logs/csv), tensorboard"
+                                    " (RUN_DIR/logs/tensorboard), mlflow (a file store in RUN_DIR/mlruns)")
+    g.add_argument("--mlflow-uri", help="mlflow's tracking URI instead of RUN_DIR/mlruns, e.g. sqlite:///mlflow.db"
+                                        " or http://host:5000")
     p.set_defaults(func=_cmd_fit)
 
 
@@ -145,6 +152,9 @@ def _cmd_fit(args) -> int:
         out = args.resume
     else:
         cfg = _fit_config(args)
+        if args.print_config:  # checked like a fit, nothing written
+            print(cfg.to_yaml(), end="")
+            return 0
         quiet_lightning(args.verbose)
         from transferkit.pipelines.advise import fit_best
         from transferkit.pipelines.train.recipe import fit
@@ -157,7 +167,7 @@ def _cmd_fit(args) -> int:
     print(f"fine-tuning: {ft['strategy']} ({ft['reason']})")
     print(f"val accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}"
           f"  after {report['epochs_trained']} epochs, {report['train_seconds']:.0f} s")
-    print(f"run directory: {out}")
+    print(f"run directory: {out}   (open {Path(out) / 'report.html'} in a browser)")
     return 0
 
 

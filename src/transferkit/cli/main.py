@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from transferkit.cli import advise, augment, evaluate, fit
+from transferkit.cli import advise, augment, evaluate, export, fit
 from transferkit.cli.common import Formatter
 from transferkit.errors import UserError
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_fit(sub)
     evaluate.add_evaluate(sub)
     evaluate.add_predict(sub)
+    export.add_export(sub)
     fit.add_demo(sub)
     augment.add_augment(sub)
     advise.add_advise(sub)

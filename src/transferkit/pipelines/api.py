@@ -157,15 +157,39 @@ class Run:
     def evaluate(self, data: str | Path | None = None, split: str = "val", tta: str | Sequence[str] = "plain",
                  ensemble: str | Sequence[str] = "none", *, checkpoint: str = "best", merge: str = "mean",
                  batch_size: int | None = None, progress: bool | None = None, accelerator: str = "auto",
-                 calibrate: bool = False, select: bool = False) -> list[dict]:
-        """Metrics of every (TTA, ensemble) combination; writes evaluation.json as the CLI does
-        (`calibrate`, `select`: as ``transferkit evaluate --calibrate --select``)."""
+                 calibrate: bool = False, select: bool = False, per_image: str = "best") -> list[dict]:
+        """Metrics of every (TTA, ensemble) combination; writes evaluation.json and
+        predictions-<split>.csv as the CLI does (`calibrate`, `select`, `per_image`: as
+        ``transferkit evaluate --calibrate --select --per-image``)."""
         from transferkit.pipelines.evaluate.evaluation import evaluate_run
 
         body = evaluate_run(self.path, data, split=split, checkpoint=checkpoint, tta=tta, ensemble=ensemble,
                             merge=merge, batch_size=batch_size, progress=_progress(progress), accelerator=accelerator,
-                            calibrate=calibrate, select=select)
+                            calibrate=calibrate, select=select, per_image=per_image)
         return body["results"]
+
+    def predictions(self, split: str = "val") -> list[dict]:
+        """The per-image rows of predictions-<split>.csv (fit writes val's; evaluate any split's):
+        ``path, label, predicted, probability, loss, correct`` and ``predicted_k``/``probability_k``."""
+        from transferkit.errors import DataError
+        from transferkit.pipelines.evaluate.per_image import read_per_image
+
+        path = self._dir.predictions(split)
+        if not path.is_file():
+            raise DataError(f"{path} does not exist: run `transferkit evaluate {self.path} --split {split}` first")
+        return read_per_image(path)
+
+    def top_losses(self, split: str = "val", limit: int | None = 20) -> list[dict]:
+        """The misclassified images of `split`, most confidently wrong first."""
+        from transferkit.pipelines.evaluate.per_image import top_losses
+
+        return top_losses(self.predictions(split), limit)
+
+    def most_confused(self, split: str = "val", limit: int | None = None) -> list[dict]:
+        """``{"label", "predicted", "count"}`` for each pair of classes confused on `split`, most first."""
+        from transferkit.pipelines.evaluate.per_image import most_confused
+
+        return most_confused(self.predictions(split), limit)
 
     def predict(self, inputs: Any, top_k: int = 1, tta: str | None = None, ensemble: str | None = None, *,
                 checkpoint: str = "best", merge: str | None = None, batch_size: int = 32,

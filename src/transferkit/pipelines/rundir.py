@@ -53,6 +53,12 @@ class RunDir:
     selected = property(lambda self: self.path / "selected.json")  # evaluate --select: predict's default
     plots = property(lambda self: self.path / "plots")
     failures = property(lambda self: self.path / ".failures")  # see data/failures.py
+    page = property(lambda self: self.path / "report.html")
+
+    def predictions(self, split: str, combination: str | None = None) -> Path:
+        """``predictions-<split>.csv``: per-image rows (evaluate/per_image.py); ``combination``
+        names one (TTA, ensemble) pair of ``evaluate --per-image all``."""
+        return self.path / f"predictions-{split}{'-' + combination if combination else ''}.csv"
 
     def checkpoint(self, name: str = "best") -> Path:
         return self.checkpoints / f"{name}.ckpt"

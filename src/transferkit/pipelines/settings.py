@@ -28,6 +28,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 AUGMENT_PRESETS = ("none", "light", "default", "heavy")
 MIX_MODES = ("batch", "pair", "elem")
+LOGGERS = ("csv", "tensorboard", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class FitConfig:
     devices: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
+    # experiment tracking beside metrics.csv: Lightning's loggers, comma-separated; mlflow's store
+    logger: str | None = None
+    mlflow_uri: str | None = None     # None: a file store in RUN/mlruns
     # run directory
     overwrite: bool = False
 
@@ -175,14 +179,17 @@ class FitConfig:
         out["aug"] = list(self.aug)
         return out
 
-    def save(self, path: Path, extra: dict | None = None) -> None:
+    def to_yaml(self, extra: dict | None = None) -> str:
+        """The settings as config.yaml holds them (``fit --config`` replays them)."""
         import yaml
 
+        return yaml.safe_dump({"transferkit": 1, "fit": self.to_dict(), **(extra or {})}, sort_keys=False)
+
+    def save(self, path: Path, extra: dict | None = None) -> None:
         from transferkit.pipelines.rundir import atomic_write
 
-        body = {"transferkit": 1, "fit": self.to_dict(), **(extra or {})}
         with atomic_write(path, "w") as f:
-            f.write(yaml.safe_dump(body, sort_keys=False))
+            f.write(self.to_yaml(extra))
 
     @staticmethod
     def read(path: str | Path) -> dict:
@@ -262,9 +269,12 @@ class Constraint:
     high_open: bool = False
     choices: tuple[str, ...] = ()
     optional: bool = False
+    several: bool = False                   # choices joined by commas, e.g. "csv,mlflow"
 
     def expected(self) -> str:
-        if self.choices:
+        if self.choices and self.several:
+            text = f"one or more of {', '.join(self.choices)}, separated by commas"
+        elif self.choices:
             text = f"one of {', '.join(self.choices)}"
         elif self.kind == "bool":
             text = "true or false"
@@ -295,7 +305,10 @@ class Constraint:
             raise ConfigError(f"{name}: {_show(value)} is {_a_type(value)}; expected {self.expected()}")
         if self.kind == "float" and not math.isfinite(value):
             raise ConfigError(f"{name}: {value} is not a finite number; expected {self.expected()}")
-        if self.choices and value not in self.choices:
+        if self.several:
+            if not all(part in self.choices for part in value.split(",")):
+                raise ConfigError(f"{name}: {_show(value)} is not a choice; expected {self.expected()}")
+        elif self.choices and value not in self.choices:
             raise ConfigError(f"{name}: {_show(value)} is not a choice; expected {self.expected()}")
         if self.kind in ("int", "float"):
             below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
@@ -341,6 +354,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "ema": _BOOL, "ema_decay": _float(0, 1, low_open=True, high_open=True), "swa": _BOOL, "snapshots": _int(0),
     "calibrate": _choice(CALIBRATIONS, optional=True),
     "accelerator": _str(), "devices": _str(), "num_nodes": _int(1), "precision": _str(),
+    "logger": Constraint("str", choices=LOGGERS, optional=True, several=True), "mlflow_uri": _str(optional=True),
     "overwrite": _BOOL,
 }
 assert set(CONSTRAINTS) == {f.name for f in fields(FitConfig)}, "every setting needs a constraint"

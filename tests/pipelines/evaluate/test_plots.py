@@ -19,4 +19,4 @@ def test_curves_confusion_and_reliability_are_written_as_pngs(tmp_path):
         with Image.open(tmp_path / f"{name}.png") as im:
             sizes[name] = im.size
             assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
-    assert sizes["curves"] == (1000, 400) and sizes["reliability"] == (500, 600)
+    assert sizes["curves"] == (1260, 360) and sizes["reliability"] == (500, 600)  # three panels: loss, accuracy, lr

@@ -40,3 +40,31 @@ def test_one_trainer_shards_itself_and_reloads_data_only_for_lp_ft(tmp_path):
     assert lpft.max_epochs == 6 and lpft.reload_dataloaders_every_n_epochs == 1
     stopper = next(c for c in lpft.callbacks if type(c).__name__ == "JudgedEarlyStopping")
     assert stopper.epochs == {4, 5, 6}  # not during the probe
+
+
+def test_loggers_write_tensorboard_events_an_mlflow_store_and_csv_offline(color_folder, weights, tmp_path,
+                                                                           monkeypatch):
+    import transferkit
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a store we did not ask for is not used
+    run = transferkit.fit(color_folder, out=tmp_path / "run", backbone="test_resnet", weights=str(weights),
+                          finetune="partial", epochs=2, image_size=32, workers=0, patience=0,
+                          logger="csv,tensorboard,mlflow")
+    assert len((run.path / "metrics.csv").read_text().splitlines()) == 3  # ours, beside the loggers
+    logged = (run.path / "logs" / "csv" / "metrics.csv").read_text()
+    assert "val_acc" in logged.splitlines()[0] and "lr-" in logged.splitlines()[0]
+    assert "finetune" in (run.path / "logs" / "csv" / "hparams.yaml").read_text()
+    events = list((run.path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    val_acc = list((run.path / "mlruns").glob("*/*/metrics/val_acc"))
+    assert len(val_acc) == 1 and len(val_acc[0].read_text().splitlines()) == 2  # one line per epoch
+    params = val_acc[0].parent.parent / "params"
+    assert (params / "backbone").read_text() == "test_resnet"
+
+
+def test_an_unknown_logger_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match=r"--logger: \"csv,wandb\" is not a choice; expected one or more of csv,"
+                                          r" tensorboard, mlflow, separated by commas"):
+        FitConfig.build({"data": "d", "logger": "csv,wandb"}, source="cli")
+    assert FitConfig.build({"data": "d", "logger": "mlflow,csv"}).logger == "mlflow,csv"

@@ -103,6 +103,19 @@ def load_rgb(path: str | Path) -> Image.Image:
             return to_rgb(im)
 
 
+def load_thumbnail(path: str | Path, size: int) -> Image.Image:
+    """An RGB image at most ``size`` pixels on its longer side; a large JPEG is decoded at a
+    reduced scale (PIL's draft mode), so a thumbnail of a photo costs a fraction of its decode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.draft("RGB", (2 * size, 2 * size))
+            im.load()
+            rgb = to_rgb(im)
+    rgb.thumbnail((size, size))
+    return rgb
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """A loaded image of any mode as a new RGB image, upright by its EXIF orientation.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,9 @@ from transferkit.pipelines.evaluate.calibration import (calibration_record, fit_
                                                          temperature_of)
 from transferkit.pipelines.evaluate.loading import run_config
 from transferkit.pipelines.evaluate.metrics import classification_metrics
+from transferkit.pipelines.evaluate.page import write_page
+from transferkit.pipelines.evaluate.per_image import per_image_rows, write_per_image
+from transferkit.pipelines.evaluate.per_image import summary as per_image_summary
 from transferkit.pipelines.evaluate.plots import plot_confusion, plot_reliability
 from transferkit.pipelines.evaluate.predictor import Predictor
 from transferkit.pipelines.rundir import RunDir, safe_load
@@ -50,14 +54,18 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
                  checkpoint: str = "best", tta: str | Sequence[str] = "plain",
                  ensemble: str | Sequence[str] = "none", merge: str = "mean", batch_size: int | None = None,
                  workers: int = 0, progress: bool = True, accelerator: str = "auto", calibrate: bool = False,
-                 select: bool = False) -> dict:
+                 select: bool = False, per_image: str = "best") -> dict:
     """Metrics of every (TTA, ensemble) combination on a split; writes RUN/evaluation.json, and the
     confusion matrix and reliability diagram of the best combination (accuracy, then NLL).
 
     `calibrate`: first fit a temperature for the `checkpoint` weights on the run's val split and
     store it in the checkpoint (every result below then uses it). `select`: record the combination
     with the lowest val NLL in RUN/selected.json, which `predict` then uses by default.
+    `per_image`: write RUN/predictions-<split>.csv for the best combination ("best"), and also
+    predictions-<split>-<tta>-<ensemble>.csv for every combination ("all").
     """
+    if per_image not in ("best", "all"):
+        raise ConfigError(f"--per-image {per_image!r}: expected 'best' or 'all'")
     run = RunDir.open(run_dir)
     classes = run.classes()
     cfg = run_config(run)
@@ -68,7 +76,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
         calibration = _calibrate(run, checkpoint, classes, batch_size or cfg.batch_size, workers, accelerator, progress)
     predictor = Predictor.for_run(run, tta, ensemble, checkpoint=checkpoint, merge=merge, accelerator=accelerator)
     samples = eval_samples(run, data, split, classes)
-    probs, labels, lost = _predict(predictor, samples, split, batch_size or cfg.batch_size, workers, progress)
+    probs, labels, index, lost = _predict(predictor, samples, split, batch_size or cfg.batch_size, workers,
+                                          progress)
     if lost:  # left out of every metric, and listed with the run's other left-out files
         log.warning("left %d unreadable image(s) out of the evaluation, e.g. %s (%s)", len(lost), lost[0].path,
                     lost[0].reason)
@@ -83,6 +92,15 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
     body = {"run": str(run.path), "classes": classes, "split": split, "checkpoint": checkpoint, "merge": merge,
             "best": {"tta": results[best]["tta"], "ensemble": results[best]["ensemble"]}, "results": results,
             "skipped": [e._asdict() for e in lost]}
+    paths = [str(samples[i].path) for i in index]
+    for i, c in enumerate(predictor.combinations):
+        if i == best or per_image == "all":
+            rows = per_image_rows(paths, probs[i], labels, classes)
+            if i == best:
+                write_per_image(rows, run.predictions(split))
+                body.update(per_image_summary(rows))
+            if per_image == "all":
+                write_per_image(rows, run.predictions(split, combination_name(c.tta, c.ensemble)))
     if calibration is not None:
         body["calibration"] = calibration
     if select:
@@ -98,6 +116,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
                    title=f"{label}: accuracy {r['accuracy']:.3f}")
     plot_reliability(probs[best], labels, run.plots / f"reliability-{split}.png",
                      title=f"{label}: ECE {r['ece']:.3f}")
+    write_page(run)
     log.info("evaluation written to %s", run.evaluation)
     return body
 
@@ -110,16 +129,16 @@ def _predict(predictor: Predictor, samples: list[Sample], split: str, batch_size
         loader = DataLoader(ImageDataset(samples, predictor.transform, replace_failed=True, stage=f"evaluate {split}",
                                          failures=failures),
                             batch_size=predictor.images_per_batch(batch_size), num_workers=workers)
-        probs, labels = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
+        probs, labels, index = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
         lost = failures.entries()
-    return probs, labels, lost
+    return probs, labels, index, lost
 
 
 def _calibrate(run: RunDir, checkpoint: str, classes: list[str], batch_size: int, workers: int, accelerator: str,
                progress: bool) -> dict:
     """Fit a temperature for `checkpoint` on the run's val split (on top of any it holds) and store it."""
     predictor = Predictor.for_run(run, "plain", "none", checkpoint=checkpoint, accelerator=accelerator)
-    probs, labels, _ = _predict(predictor, read_split_csv(run.splits / "val.csv", classes), "val", batch_size,
+    probs, labels, _, _ = _predict(predictor, read_split_csv(run.splits / "val.csv", classes), "val", batch_size,
                                 workers, progress)
     path = run.checkpoint(checkpoint)
     held = temperature_of(safe_load(path))
@@ -128,6 +147,11 @@ def _calibrate(run: RunDir, checkpoint: str, classes: list[str], batch_size: int
     record["temperature"] = held * extra  # softmax(log softmax(z / a) / b) = softmax(z / (a b))
     store_temperature(path, record["temperature"])
     return record
+
+
+def combination_name(tta: str, ensemble: str) -> str:
+    """A (TTA, ensemble) pair as a file-name part: ``ten-crop-ema``, ``multiscale_0.9_1.1-none``."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", tta) + "-" + re.sub(r"[^A-Za-z0-9.-]+", "_", ensemble)
 
 
 def results_table(body: dict) -> str:

@@ -14,8 +14,12 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> d
 
     scikit-learn's ``calibration_curve`` bins one class's probability, not the top-1 confidence.
     """
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
+    return confidence_bins(probs.max(1), probs.argmax(1) == labels, bins)
+
+
+def confidence_bins(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """``reliability_bins`` from each prediction's top-1 confidence and whether it was right."""
+    conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=bool)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # (lo, hi] per bin
     count = np.bincount(which, minlength=bins).astype(float)

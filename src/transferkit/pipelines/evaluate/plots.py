@@ -11,6 +11,8 @@ from transferkit.pipelines.evaluate.metrics import expected_calibration_error, r
 
 
 def plot_curves(metrics_csv: Path, out: Path) -> None:
+    """Loss, accuracy (the EMA weights' too, when they were validated) and learning rate per epoch;
+    the best epoch (highest val accuracy, the one best.ckpt holds) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,19 +23,26 @@ def plot_curves(metrics_csv: Path, out: Path) -> None:
     if not rows:
         return
     ep = [int(r["epoch"]) for r in rows]
-    col = lambda k: [float(r[k]) if r.get(k) else np.nan for r in rows]  # noqa: E731
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(ep, col("train_loss"), "o-", label="train")
-    a1.plot(ep, col("val_loss"), "o-", label="val")
-    a1.set(xlabel="epoch", ylabel="loss", title="loss")
-    a2.plot(ep, col("train_acc"), "o-", label="train")
-    a2.plot(ep, col("val_acc"), "o-", label="val")
-    a2.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
-    for a in (a1, a2):
+    col = lambda k: np.array([float(r[k]) if r.get(k) else np.nan for r in rows])  # noqa: E731
+    val_acc = col("val_acc")
+    best = ep[int(np.nanargmax(val_acc))] if np.isfinite(val_acc).any() else None
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
+    for axis, key, title in ((a1, "loss", "loss"), (a2, "acc", "accuracy")):
+        axis.plot(ep, col(f"train_{key}"), "o-", label="train")
+        axis.plot(ep, col(f"val_{key}"), "o-", label="val")
+        if np.isfinite(col(f"val_{key}_ema")).any():
+            axis.plot(ep, col(f"val_{key}_ema"), "s--", label="val, EMA weights")
+        axis.set(xlabel="epoch", ylabel=title, title=title)
+    a2.set_ylim(0, 1.02)
+    a3.plot(ep, col("lr"), "o-", color="gray", label="lr at the epoch end")
+    a3.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    for a in (a1, a2, a3):
+        if best is not None:
+            a.axvline(best, color="crimson", ls=":", lw=1.5, label=f"best epoch ({best})")
         a.grid(alpha=0.3)
-        a.legend()
+        a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
 
 

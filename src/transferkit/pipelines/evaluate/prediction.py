@@ -19,6 +19,7 @@ from transferkit.errors import ConfigError, DataError
 from transferkit.pipelines.data.folders import collect_images
 from transferkit.pipelines.data.images import DECODE_ERRORS, describe_error, load_rgb
 from transferkit.pipelines.data.splits import CSV_TEXT
+from transferkit.pipelines.evaluate.export import ExportedModel
 from transferkit.pipelines.evaluate.predictor import Predictor, parse_ensemble_list, parse_tta_list
 from transferkit.pipelines.rundir import RunDir, atomic_write
 
@@ -69,7 +70,8 @@ def _is_image(x: Any) -> bool:
     return hasattr(x, "convert") and hasattr(x, "size") or isinstance(x, np.ndarray)
 
 
-def predict_items(predictor: Predictor, items: Sequence[Any], classes: Sequence[str], *, top_k: int = 1,
+def predict_items(predictor: Predictor | ExportedModel, items: Sequence[Any], classes: Sequence[str], *,
+                  top_k: int = 1,
                   batch_size: int = 32, workers: int = 0, progress: bool = True) -> list[dict]:
     """One row per item: ``path``, ``label``, ``probability``, ``label_k``/``probability_k`` up to
     ``top_k``, ``probabilities`` (every class, in class order) and ``error`` ("" when read)."""
@@ -139,19 +141,32 @@ def predict_paths(run_dir: str | Path, paths: Sequence[str | Path], out: str | P
                   progress: bool = True, tta: str | None = None, ensemble: str | None = None,
                   merge: str | None = None, accelerator: str = "auto") -> Path:
     """Write `path,label,probability` (+ label_k, probability_k up to top_k, and error) for every
-    image, predicted with one TTA spec and one ensemble (left out: see ``prediction_defaults``)."""
-    run = RunDir.open(run_dir)
-    classes = run.classes()
-    tta, ensemble, merge = prediction_defaults(run, tta, ensemble, merge)
-    if not 1 <= top_k <= len(classes):
-        raise ConfigError(f"--top-k {top_k} must be between 1 and the number of classes ({len(classes)})")
-    if len(parse_tta_list(tta)) != 1 or len(parse_ensemble_list(ensemble)) != 1:
-        raise ConfigError(f"predict takes one --tta spec and one --ensemble (got {tta!r} and {ensemble!r});"
-                          " compare several with `transferkit evaluate`")
+    image, predicted with one TTA spec and one ensemble (left out: see ``prediction_defaults``).
+    `run_dir` may also be an onnx or torchscript export (``transferkit export``), whose views
+    are in its graph."""
     if Path(out).is_dir():
         raise ConfigError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'predictions.csv'}")
+
+    if ExportedModel.is_export(run_dir):
+        given = [flag for flag, v in (("--tta", tta), ("--ensemble", ensemble), ("--merge", merge)) if v is not None]
+        if given or checkpoint != "best":
+            raise ConfigError(f"{run_dir} is an export: its weights, views and merge are in the graph; drop "
+                              f"{', '.join(given + (['--checkpoint'] if checkpoint != 'best' else []))}")
+        predictor: Any = ExportedModel(run_dir)
+        classes = predictor.classes
+    else:
+        run = RunDir.open(run_dir)
+        classes = run.classes()
+        tta, ensemble, merge = prediction_defaults(run, tta, ensemble, merge)
+        if len(parse_tta_list(tta)) != 1 or len(parse_ensemble_list(ensemble)) != 1:
+            raise ConfigError(f"predict takes one --tta spec and one --ensemble (got {tta!r} and {ensemble!r});"
+                              " compare several with `transferkit evaluate`")
+        predictor = None
+    if not 1 <= top_k <= len(classes):
+        raise ConfigError(f"--top-k {top_k} must be between 1 and the number of classes ({len(classes)})")
     items = expand_inputs(list(paths))
-    predictor = Predictor.for_run(run, tta, ensemble, checkpoint=checkpoint, merge=merge, accelerator=accelerator)
+    if predictor is None:
+        predictor = Predictor.for_run(run, tta, ensemble, checkpoint=checkpoint, merge=merge, accelerator=accelerator)
     rows = predict_items(predictor, items, classes, top_k=top_k, batch_size=batch_size, workers=workers,
                          progress=progress)
     return write_predictions(rows, out, top_k)

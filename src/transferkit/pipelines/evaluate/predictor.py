@@ -183,9 +183,9 @@ class Predictor:
                 for c in self.combinations]
 
     def predict(self, loader: DataLoader, desc: str = "predicting",
-                progress: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
-        """Probabilities of every combination over ``loader`` (batches of image, label[, index]), each
-        sample index once."""
+                progress: bool = True) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Probabilities of every combination over ``loader`` (batches of image, label[, index]), the
+        labels, and the sample index of each row (each index once; 0..n-1 without one)."""
         from tqdm.auto import tqdm
 
         out: list[list[torch.Tensor]] = [[] for _ in self.combinations]
@@ -199,10 +199,12 @@ class Predictor:
         k = self.num_classes
         probs = [torch.cat(p).numpy() if p else np.zeros((0, k), np.float32) for p in out]
         labels = torch.cat(labels).numpy() if labels else np.zeros(0, np.int64)
-        if index:  # a stand-in for a file that broke repeats its own index: count each index once
-            _, first = np.unique(torch.cat(index).numpy(), return_index=True)
-            keep = np.sort(first)
-            probs, labels = [p[keep] for p in probs], labels[keep]
-        return probs, labels
+        if not index:
+            return probs, labels, np.arange(len(labels))
+        # A stand-in for a file that broke repeats its own index: count each index once.
+        index = torch.cat(index).numpy()
+        _, first = np.unique(index, return_index=True)
+        keep = np.sort(first)
+        return [p[keep] for p in probs], labels[keep], index[keep]
 
 

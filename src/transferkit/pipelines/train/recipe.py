@@ -53,6 +53,9 @@ from transferkit.pipelines.devices import choose_device
 from transferkit.pipelines.evaluate.calibration import calibration_record, fit_temperature, store_temperature
 from transferkit.pipelines.evaluate.members import RunWeights
 from transferkit.pipelines.evaluate.metrics import classification_metrics, predict_proba
+from transferkit.pipelines.evaluate.page import write_page
+from transferkit.pipelines.evaluate.per_image import per_image_rows, write_per_image
+from transferkit.pipelines.evaluate.per_image import summary as per_image_summary
 from transferkit.pipelines.evaluate.plots import plot_confusion, plot_curves
 from transferkit.pipelines.rundir import RunDir, safe_load
 from transferkit.pipelines.settings import FitConfig, default_out
@@ -495,6 +498,7 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
             clf = model.eval().get_classifier().cpu()
             probs = torch.softmax(clf(data.cache.val[0][rows]), -1).numpy()
         labels = np.array([split.val[i].label for i in rows])
+        kept = np.asarray(rows)
     else:
         # A file that breaks now is left out (its stand-in's row repeats an index; each index
         # counts once) and listed, not fatal.
@@ -504,7 +508,7 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         probs, labels, index = predict_proba(model, loader, choose_device(cfg.accelerator),
                                              desc="evaluating best checkpoint", progress=progress)
         _, first = np.unique(index, return_index=True)
-        probs, labels = probs[np.sort(first)], labels[np.sort(first)]
+        probs, labels, kept = probs[np.sort(first)], labels[np.sort(first)], index[np.sort(first)]
     lost = failures.entries()
     if lost:
         log.warning("%d file(s) could not be read after the scan and were left out, e.g. %s (%s: %s); all are"
@@ -528,6 +532,9 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         "data_config": backbone.data_cfg.to_dict(),
         "metrics": metrics,
     }
+    rows = per_image_rows([str(split.val[i].path) for i in kept], probs, labels, split.classes)
+    write_per_image(rows, run.predictions("val"))
+    report.update(per_image_summary(rows))
     if cfg.calibrate == "temperature":
         t = fit_temperature(probs, labels)
         report["calibration"] = calibration_record(probs, labels, t)
@@ -540,5 +547,6 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
     plot_curves(run.metrics, run.plots / "curves.png")
     plot_confusion(metrics["confusion_matrix"], split.classes, run.plots / "confusion.png",
                    title=f"val, best checkpoint: accuracy {metrics['accuracy']:.3f}")
+    write_page(run)
     log.info("report written to %s", run.report)
     return report

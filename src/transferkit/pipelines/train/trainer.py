@@ -5,9 +5,9 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, MissingExtra
 from transferkit.pipelines.rundir import RunDir
 from transferkit.pipelines.settings import FitConfig
 from transferkit.pipelines.train.averaging import averaging_callbacks, early_stopping
@@ -38,6 +38,44 @@ def check_devices(cfg: FitConfig) -> None:
                           f" cannot run here: {first}") from None
 
 
+def experiment_loggers(cfg: FitConfig, run: RunDir) -> list:
+    """Lightning's loggers that ``--logger`` names, writing under RUN/logs (mlflow: RUN/mlruns or
+    ``--mlflow-uri``), each given the run's settings; metrics.csv is written either way."""
+    names = list(dict.fromkeys(cfg.logger.split(","))) if cfg.logger else []
+    out = []
+    for name in names:
+        if name == "csv":
+            from pytorch_lightning.loggers import CSVLogger
+
+            out.append(CSVLogger(run.path / "logs", name="csv", version=""))
+        elif name == "tensorboard":
+            _need("tensorboard", "--logger tensorboard")
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            out.append(TensorBoardLogger(run.path / "logs", name="tensorboard", version="", default_hp_metric=False))
+        else:
+            _need("mlflow", "--logger mlflow")
+            from pytorch_lightning.loggers import MLFlowLogger
+
+            uri = cfg.mlflow_uri or (run.path / "mlruns").absolute().as_uri()
+            if uri.startswith("file:"):
+                # MLflow 3 keeps its file store (no server, nothing to install) behind this switch;
+                # `mlflow migrate-filestore` moves such a store into a database later.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            out.append(MLFlowLogger(experiment_name="transferkit", run_name=run.path.name, tracking_uri=uri))
+    for logger in out:
+        logger.log_hyperparams({k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                                for k, v in cfg.to_dict().items()})
+    return out
+
+
+def _need(module: str, flag: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(f"{flag} needs the {module} package: pip install 'transferkit[track]'")
+
+
 def make_trainer(cfg: FitConfig, run: RunDir, schedule: Schedule, *, first: list[pl.Callback],
                  bn_loader, progress: bool = True) -> pl.Trainer:
     """The Trainer: checkpoints (best by val accuracy, last at every epoch end), metrics.csv,
@@ -58,6 +96,9 @@ def make_trainer(cfg: FitConfig, run: RunDir, schedule: Schedule, *, first: list
         callbacks.append(early_stopping(cfg.patience, schedule))
     if progress:
         callbacks.append(TQDMProgressBar(leave=False))
+    loggers = experiment_loggers(cfg, run)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     devices = cfg.devices_arg
     strategy: object = "auto"
     plugins = [AtomicCheckpointIO()]
@@ -68,7 +109,8 @@ def make_trainer(cfg: FitConfig, run: RunDir, schedule: Schedule, *, first: list
         strategy = DDPStrategy(find_unused_parameters=schedule.probe_epochs > 0, checkpoint_io=plugins.pop())
     return pl.Trainer(
         max_epochs=schedule.epochs, accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes,
-        strategy=strategy, precision=cfg.precision, callbacks=callbacks, plugins=plugins, logger=False,
+        strategy=strategy, precision=cfg.precision, callbacks=callbacks, plugins=plugins,
+        logger=loggers or False, log_every_n_steps=1,
         default_root_dir=run.path, gradient_clip_val=cfg.grad_clip or None,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic="warn" if torch.cuda.is_available() else True,
