@@ -139,3 +139,26 @@ def test_timm_local_dir_prefix_loads_the_folder_s_weights(tmp_path):
     assert model.get_classifier().out_features == 3
     with pytest.raises(BackboneError, match="is not a folder"):
         factory.create(f"local-dir:{tmp_path / 'nothing'}", 3)
+
+
+def test_stochastic_depth_and_dropout_act_in_training_only_and_a_model_without_it_is_refused():
+    import torch
+
+    from transferkit.backbones.factory import create
+    from transferkit.errors import ConfigError
+
+    x = torch.randn(2, 3, 32, 32)
+    for kwargs in ({"drop_path_rate": 0.5}, {"drop_rate": 0.5}):
+        torch.manual_seed(0)
+        model, _ = create("test_resnet", 3, pretrained=False, quiet=True, **kwargs)
+        torch.nn.init.normal_(model.get_classifier().weight)  # a new head starts near zero
+        for m in model.modules():  # timm zero-initialises each residual branch's last BatchNorm
+            if isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(m.weight)
+        model.train()
+        with torch.no_grad():
+            assert not torch.allclose(model(x), model(x)), kwargs  # a new mask each pass
+            model.eval()
+            assert torch.equal(model(x), model(x)), kwargs
+    with pytest.raises(ConfigError, match=r"--drop-path 0.1: dla34 has no stochastic depth"):
+        create("dla34", 3, pretrained=False, quiet=True, drop_path_rate=0.1)

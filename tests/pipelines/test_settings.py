@@ -106,6 +106,8 @@ def test_a_key_given_twice_and_an_empty_file_are_refused(tmp_path):
     ({"ema": True, "snapshots": 2}, "ema=, snapshots= average(s) weights over training steps and head_solver= lbfgs"
                                     " takes none; use head_solver= sgd"),
     ({"cache_views": 0}, "head_solver= lbfgs needs the feature cache; drop cache_views= 0"),
+    ({"sampler": "balanced"}, "head_solver= lbfgs sees every image once, so sampler= balanced draws nothing; weigh"
+                              " the classes with class_weights= balanced, or use head_solver= sgd"),
 ])
 def test_a_solved_head_is_refused_where_it_cannot_be_solved(extra, message):
     with pytest.raises(ConfigError) as err:
@@ -118,3 +120,13 @@ def test_the_head_is_solved_by_default_unless_something_needs_steps():
     assert not FitConfig.build({"data": "d", "ema": True}).solved_head
     assert not FitConfig.build({"data": "d", "head_solver": "sgd"}).solved_head
     assert not FitConfig.build({"data": "d", "cutmix": 1.0}).solved_head
+    assert not FitConfig.build({"data": "d", "sampler": "balanced"}).solved_head
+    assert FitConfig.build({"data": "d", "class_weights": "balanced"}).solved_head
+
+
+def test_step_settings_need_the_step_schedule():
+    with pytest.raises(ConfigError, match="--step-epochs and --step-gamma shape --schedule step; add it, or drop them"
+                                          " for cosine"):
+        FitConfig.build({"data": "d", "step_epochs": 3}, source="cli")
+    cfg = FitConfig.build({"data": "d", "schedule": "step", "step_epochs": 3, "step_gamma": 0.5})
+    assert (cfg.step_epochs, cfg.step_gamma) == (3, 0.5)

@@ -387,6 +387,10 @@ def decide(m: Measurements, *, num_groups: int, group_labels: Sequence[str] | No
     reasons = [f"{median:g} images per class (median of {m.num_classes}; smallest {m.smallest_class}) "
                f"{'<' if small else '>='} {t.large_per_class:g}: {'small' if small else 'large'}"]
     reasons += _similarity_notes(m)
+    biggest = max(m.class_counts.values())
+    if biggest >= IMBALANCE_RATIO * m.smallest_class:
+        reasons.append(f"imbalanced classes: {biggest} images in the largest, {m.smallest_class} in the smallest "
+                       f"({biggest / m.smallest_class:.0f}:1); consider --class-weights balanced or --sampler balanced")
     choice = _choose(small, num_groups, group_labels, reasons)
     margins = {"size": (median - t.large_per_class) / t.large_per_class}
     runner_up = None
@@ -397,3 +401,5 @@ def decide(m: Measurements, *, num_groups: int, group_labels: Sequence[str] | No
 
 # A decision is close when the size sits within a quarter of its threshold.
 CLOSE_MARGIN = 0.25
+# Largest / smallest class at which the advice mentions weighing the classes.
+IMBALANCE_RATIO = 5

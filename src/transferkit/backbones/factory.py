@@ -162,8 +162,11 @@ def _has_pretrained_source(cfg: dict) -> bool:
 
 def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str | Path | None = None,
            plugin: str | Path | None = None, image_size: int | None = None,
-           drop_rate: float = 0.0, quiet: bool = False) -> tuple[nn.Module, DataConfig]:
+           drop_rate: float = 0.0, drop_path_rate: float = 0.0, quiet: bool = False) -> tuple[nn.Module, DataConfig]:
     """Build `name` with a fresh `num_classes` head and resolve its data config.
+
+    `drop_rate`: dropout before the classifier; `drop_path_rate`: stochastic depth, where the
+    architecture has it (a ConfigError where it does not).
 
     Raises BackboneError when the name is unknown, when pretrained weights cannot be had, or
     when a weights file does not fit.
@@ -175,6 +178,15 @@ def create(name: str, num_classes: int, *, pretrained: bool = True, weights: str
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
     _check_size_range(image_size)
     kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+        try:
+            timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate)
+        except TypeError as exc:
+            if "drop_path_rate" not in str(exc):
+                raise
+            raise ConfigError(f"--drop-path {drop_path_rate:g}: {name} has no stochastic depth (timm's drop_path_rate);"
+                              " drop --drop-path, or pick a backbone with residual blocks") from None
     cfg = timm.models.get_pretrained_cfg(name)
     if image_size is not None and cfg is not None and cfg.fixed_input_size:
         # Position embeddings and attention windows are built for one size: build them for

@@ -73,7 +73,7 @@ class ProbeFit:
             linear.bias.copy_(self.bias.to(linear.bias))
 
 
-def _fit(z: torch.Tensor, y: torch.Tensor, l2: float, w: torch.Tensor, b: torch.Tensor, smoothing: float,
+def _fit(z: torch.Tensor, y: torch.Tensor, l2: float, w: torch.Tensor, b: torch.Tensor, loss_kw: dict,
          max_iter: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     w = w.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
@@ -82,7 +82,7 @@ def _fit(z: torch.Tensor, y: torch.Tensor, l2: float, w: torch.Tensor, b: torch.
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(z @ w + b, y, label_smoothing=smoothing) + 0.5 * l2 * (w * w).sum()
+        loss = F.cross_entropy(z @ w + b, y, **loss_kw) + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -138,22 +138,25 @@ def _threads_for(work: float):
 
 
 def solve_probe(features, labels, *, num_classes: int | None = None, label_smoothing: float = 0.0,
-                grid: tuple[float, ...] = GRID, seed: int = 0, max_iter: int = 500,
+                class_weight=None, grid: tuple[float, ...] = GRID, seed: int = 0, max_iter: int = 500,
                 cross_validate: bool = True) -> ProbeFit:
     """Solve the head on `features` ``(n, d)`` or ``(views, n, d)`` and `labels` ``(n,)``.
 
     The L2 strength is the grid value with the best held-out accuracy (ties: the strongest), over
     ``k = min(5, smallest class)`` stratified folds of the images; then the head
-    is fitted on every row with it. Without enough images to hold any out (or with
+    is fitted on every row with it. `class_weight` (one per class) weighs the loss as training's
+    ``--class-weights`` does. Without enough images to hold any out (or with
     ``cross_validate=False`` and a one-value grid) the first grid value, or FALLBACK_L2, is used.
     """
     x = torch.as_tensor(np.asarray(features), dtype=DTYPE)
     k = int(num_classes if num_classes is not None else int(np.max(labels)) + 1)
     with _threads_for(x.numel() * k):
-        return _solve(x, labels, k, label_smoothing, grid, seed, max_iter, cross_validate)
+        loss_kw = {"label_smoothing": label_smoothing,
+                   "weight": None if class_weight is None else torch.as_tensor(class_weight, dtype=DTYPE)}
+        return _solve(x, labels, k, loss_kw, grid, seed, max_iter, cross_validate)
 
 
-def _solve(x: torch.Tensor, labels, k: int, label_smoothing: float, grid: tuple[float, ...], seed: int,
+def _solve(x: torch.Tensor, labels, k: int, loss_kw: dict, grid: tuple[float, ...], seed: int,
            max_iter: int, cross_validate: bool) -> ProbeFit:
     from sklearn.model_selection import StratifiedKFold
 
@@ -186,7 +189,7 @@ def _solve(x: torch.Tensor, labels, k: int, label_smoothing: float, grid: tuple[
         for g, l2 in enumerate(grid):
             correct, nll = [], 0.0
             for f in range(folds):
-                a, bias, _ = _fit(fold_rows[f].rows, fold_y[f], l2, state[0][f], state[1][f], label_smoothing,
+                a, bias, _ = _fit(fold_rows[f].rows, fold_y[f], l2, state[0][f], state[1][f], loss_kw,
                                   max_iter)
                 state[0][f], state[1][f] = a, bias
                 c, loss = _held_out(*held[f], a, bias)
@@ -202,7 +205,7 @@ def _solve(x: torch.Tensor, labels, k: int, label_smoothing: float, grid: tuple[
         fold_acc = [c / len(te) for c, (_, te) in zip(scores[best][2], splits)]
         table = {f"{l2:g}": float(sc[0]) for l2, sc in zip(grid, scores)}
     rows = _Rows(z.reshape(-1, d))
-    a, b, iterations = _fit(rows.rows, y.repeat(views), chosen, rows.start(zero_w), zero_b, label_smoothing, max_iter)
+    a, b, iterations = _fit(rows.rows, y.repeat(views), chosen, rows.start(zero_w), zero_b, loss_kw, max_iter)
     w = rows.weights(a)
     weight = (w / std[:, None]).T.contiguous()
     bias = b - (mean / std) @ w

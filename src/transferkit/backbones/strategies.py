@@ -29,7 +29,12 @@ DEFAULT_TRAINABLE_GROUPS = 2
 # same 10 epochs); moving pretrained layers wants a small one.
 DEFAULT_LR = {"freeze": 1e-2, "partial": 3e-3, "full": 1e-3, "lp-ft": 1e-3}
 SCRATCH_LR = 3e-3  # random weights: one rate for every layer
-SGD_LR_FACTOR = 10.0  # SGD with momentum takes steps about 10x larger than AdamW for the same effect
+# Each optimizer's head rate as a multiple of AdamW's above, measured by
+# benchmarks/optimizer_lr.py (partial fine-tuning of MobileNetV1 x0.25 on hymenoptera): momentum
+# SGD takes steps about 10x larger than AdamW for the same effect, plain SGD (no momentum) 1/(1-0.9)
+# times more again.
+OPTIMIZER_LR_FACTOR = {"adamw": 1.0, "adam": 1.0, "rmsprop": 0.1, "adagrad": 3.0, "momentum": 10.0,
+                       "nesterov": 10.0, "sgd": 100.0}
 
 @dataclass(frozen=True)
 class Plan:

@@ -12,7 +12,7 @@ _NOT_SETTINGS = ("func", "config", "resume", "verbose", "command", "print_config
 
 
 def add_fit(sub) -> None:
-    from transferkit.pipelines.settings import FINETUNE_CHOICES, FitConfig
+    from transferkit.pipelines.settings import CLASS_WEIGHTS, FINETUNE_CHOICES, OPTIMIZERS, SAMPLERS, SCHEDULES, FitConfig
 
     d = FitConfig()
     S = argparse.SUPPRESS
@@ -48,11 +48,23 @@ def add_fit(sub) -> None:
                    help="lr factor per layer group below the head (default 0.5; 1.0 from random weights)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help="head learning rate (default: by strategy, see README)")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), help=f"(default {d.optimizer}); sgd uses Nesterov momentum")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"(default {d.optimizer}) through timm's factory; sgd is plain SGD, momentum and nesterov add"
+                        " --momentum; the default rate scales with the optimizer (README)")
+    g.add_argument("--momentum", type=float, help=f"momentum, nesterov and rmsprop (default {d.momentum})")
     g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    g.add_argument("--schedule", choices=("cosine", "step", "constant"), help=f"(default {d.schedule})")
+    g.add_argument("--schedule", choices=SCHEDULES, help=f"after --warmup-epochs (default {d.schedule})")
     g.add_argument("--warmup-epochs", type=float, help=f"linear warmup (default {d.warmup_epochs})")
+    g.add_argument("--step-epochs", type=int, help="step: multiply the rate by --step-gamma every N epochs"
+                                                    " (default: a third of the run)")
+    g.add_argument("--step-gamma", type=float, help=f"step: the factor (default {d.step_gamma})")
     g.add_argument("--label-smoothing", type=float, help=f"(default {d.label_smoothing})")
+    g.add_argument("--dropout", type=float, help="dropout before the new head (timm's drop_rate; default 0)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth (timm's drop_path_rate; default 0)")
+    g.add_argument("--class-weights", choices=CLASS_WEIGHTS,
+                   help="balanced: weigh each class by n / (classes x its images) in the loss (default none)")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="balanced: draw every class equally often in each epoch (default shuffle)")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (default: off)")
     g.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")

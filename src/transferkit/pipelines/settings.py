@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 FINETUNE_CHOICES = ("auto", "freeze", "partial", "full", "lp-ft")
 HEAD_SOLVERS = ("lbfgs", "sgd")
 CALIBRATIONS = ("temperature",)
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "linear", "inverse-sqrt", "constant")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
 AUGMENT_PRESETS = ("none", "light", "default", "heavy")
 MIX_MODES = ("batch", "pair", "elem")
 LOGGERS = ("csv", "tensorboard", "mlflow")
@@ -49,10 +51,19 @@ class FitConfig:
     # optimisation
     lr: float | None = None           # None: the strategy's default
     optimizer: str = "adamw"
+    momentum: float = 0.9             # momentum, nesterov, rmsprop
     weight_decay: float = 0.05
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
+    step_epochs: int = 0              # step: decay every N epochs (0: a third of the run)
+    step_gamma: float = 0.1
     label_smoothing: float = 0.1
+    # regularization beyond weight decay and label smoothing
+    dropout: float = 0.0              # before the new head (timm's drop_rate)
+    drop_path: float = 0.0            # stochastic depth (timm's drop_path_rate)
+    # imbalanced classes
+    class_weights: str = "none"       # balanced: inverse class frequency in the loss
+    sampler: str = "shuffle"          # balanced: batches drawn with inverse class frequency
     grad_clip: float = 0.0
     epochs: int = 20
     batch_size: int = 32
@@ -131,6 +142,9 @@ class FitConfig:
         if self.snapshots and self.schedule != "cosine":
             raise ConfigError(f"{name('snapshots')} runs its own cosine cycles; drop {name('schedule')}"
                               f" {self.schedule}")
+        if (self.step_epochs or self.step_gamma != 0.1) and self.schedule != "step":
+            raise ConfigError(f"{name('step_epochs')} and {name('step_gamma')} shape {name('schedule')} step; add it,"
+                              f" or drop them for {self.schedule}")
         if self.head_solver == "lbfgs":
             self._check_solved_head(name)
         if self.snapshots and self.finetune == "lp-ft":
@@ -152,13 +166,17 @@ class FitConfig:
                               f" use {name('head_solver')} sgd")
         if self.cache_views < 1:
             raise ConfigError(f"{solver} needs the feature cache; drop {name('cache_views')} 0")
+        if self.sampler == "balanced":
+            raise ConfigError(f"{solver} sees every image once, so {name('sampler')} balanced draws nothing; weigh the"
+                              f" classes with {name('class_weights')} balanced, or use {name('head_solver')} sgd")
 
     @property
     def solved_head(self) -> bool:
         """Whether a frozen head is solved (L-BFGS) rather than trained for epochs, where it can be."""
         if self.head_solver is not None:
             return self.head_solver == "lbfgs"
-        return not (self.mixup or self.cutmix or self.ema or self.swa or self.snapshots or self.cache_views < 1)
+        return not (self.mixup or self.cutmix or self.ema or self.swa or self.snapshots or self.cache_views < 1
+                    or self.sampler == "balanced")
 
     def replace(self, **changes: Any) -> "FitConfig":
         """A new config with `changes`, checked as a whole again."""
@@ -343,7 +361,11 @@ CONSTRAINTS: dict[str, Constraint] = {
     "head_solver": _choice(HEAD_SOLVERS, optional=True),
     "layer_decay": _float(0, 1, low_open=True, optional=True),
     "lr": _float(0, low_open=True, optional=True), "optimizer": _choice(OPTIMIZERS),
+    "momentum": _float(0, 1, high_open=True),
     "weight_decay": _float(0), "schedule": _choice(SCHEDULES), "warmup_epochs": _float(0),
+    "step_epochs": _int(0), "step_gamma": _float(0, 1, low_open=True),
+    "dropout": _float(0, 1, high_open=True), "drop_path": _float(0, 1, high_open=True),
+    "class_weights": _choice(CLASS_WEIGHTS), "sampler": _choice(SAMPLERS),
     "label_smoothing": _float(0, 1, high_open=True), "grad_clip": _float(0),
     "epochs": _int(1), "batch_size": _int(1), "patience": _int(0), "seed": _int(0, 2**32 - 1),
     "val_fraction": _float(0, 1, low_open=True, high_open=True), "workers": _int(0, optional=True),

@@ -34,3 +34,17 @@ def test_head_only_epochs_read_features_and_the_cache_is_built_once():
     assert built == [("cpu", 0)] and dm.cache is not None
     dm.reads_features = lambda e: False
     assert dm.train_dataloader().dataset is dm.train_ds  # images again
+
+
+def test_a_balanced_datamodule_draws_the_minority_as_often_on_features_and_on_images():
+    samples = [Sample(f"{i}.png", int(i >= 36)) for i in range(40)]  # 36:4
+    dm = FitDataModule(samples, samples[:2], None, None, batch_size=8, reads_features=lambda e: True,
+                       build_cache=lambda *a: FeatureCache(torch.randn(1, 40, 4), torch.randn(1, 2, 4)),
+                       balanced=True)
+    labels = torch.cat([y for _, y, _ in dm.train_dataloader()])
+    assert len(labels) == 40 and 12 <= int(labels.sum()) <= 28  # a shuffle gives exactly 4
+    dm.reads_features = lambda e: False
+    sampler = dm.train_dataloader().sampler
+    assert sampler.weights is not None and float(sampler.weights[39] / sampler.weights[0]) == 9.0
+    plain = FitDataModule(samples, samples[:2], None, None, batch_size=8)
+    assert plain.train_dataloader().sampler.weights is None

@@ -26,3 +26,19 @@ def test_training_replaces_a_broken_file_once_evaluation_names_it(color_folder, 
 
 def test_only_a_last_batch_of_one_is_dropped():
     assert drop_tiny_last(33, 32) and not drop_tiny_last(34, 32) and not drop_tiny_last(1, 32)
+
+
+def test_a_balanced_sampler_draws_every_class_about_equally_and_repeats_per_epoch():
+    import torch
+
+    from transferkit.pipelines.data.datasets import EpochSampler
+
+    labels = [0] * 190 + [1] * 10  # 19:1
+    draws = list(EpochSampler(200, 7, torch.Generator(), 3, labels=labels))
+    assert len(draws) == 200
+    minority = sum(labels[i] == 1 for i in draws)
+    assert 70 <= minority <= 130  # about half, where a shuffle gives exactly 10
+    assert draws == list(EpochSampler(200, 7, torch.Generator(), 3, labels=labels))  # a function of (seed, epoch)
+    assert draws != list(EpochSampler(200, 7, torch.Generator(), 4, labels=labels))
+    ranks = [list(EpochSampler(200, 7, torch.Generator(), 3, labels=labels, rank=r, world=2)) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(draws)  # two processes share one epoch's draws

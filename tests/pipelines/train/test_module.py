@@ -43,3 +43,35 @@ def test_feature_epochs_run_the_classifier_alone_and_checkpoints_describe_the_mo
     ckpt: dict = {}
     module.on_save_checkpoint(ckpt)
     assert ckpt["transferkit"] == {"classes": ["a", "b", "c"]}
+
+
+EXPECTED_OPTIMIZERS = {  # ours -> (torch class, momentum, nesterov)
+    "sgd": ("SGD", 0.0, False), "momentum": ("SGD", 0.8, False), "nesterov": ("SGD", 0.8, True),
+    "adagrad": ("Adagrad", None, None), "rmsprop": ("RMSprop", 0.8, None), "adam": ("Adam", None, None),
+    "adamw": ("AdamW", None, None)}
+
+
+def test_each_optimizer_name_builds_the_torch_optimizer_it_says():
+    for name, (cls, momentum, nesterov) in EXPECTED_OPTIMIZERS.items():
+        module = _module(Phases(), "full")
+        module.optim = Optim(name, weight_decay=0.01, momentum=0.8)
+        module._trainer = SimpleNamespace(max_epochs=2, estimated_stepping_batches=4, current_epoch=0)
+        opt = module.configure_optimizers()["optimizer"]
+        assert type(opt).__name__ == cls, name
+        group = opt.param_groups[0]
+        if momentum is not None:
+            assert group["momentum"] == momentum, name
+        if nesterov is not None:
+            assert group["nesterov"] is nesterov, name
+
+
+def test_class_weights_weigh_the_training_loss():
+    module = _module(Phases(), "full")
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 0, 0, 1, 2])
+    module.eval()
+    logits = module(x)
+    plain = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    module.optim = Optim(class_weights=(0.5, 2.0, 2.0))
+    weighted = torch.nn.functional.cross_entropy(logits, y, weight=module._class_weight(logits), label_smoothing=0.1)
+    assert not torch.allclose(plain, weighted)
+    assert module._class_weight(logits).tolist() == [0.5, 2.0, 2.0]

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import timm
+import torch
 import yaml
 
 import transferkit.pipelines.train.recipe as recipe
@@ -69,3 +70,52 @@ def test_a_head_is_solved_only_when_it_is_a_linear_layer():
     with pytest.raises(ConfigError, match="solves a linear head; test_resnet's classifier is a Sequential"):
         solvable(FitConfig.build({"data": "d", "backbone": "test_resnet", "head_solver": "lbfgs",
                                   "finetune": "freeze"}), linear)
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("sgd", "cosine"), ("momentum", "step"), ("nesterov", "linear"),
+                                                 ("adagrad", "inverse-sqrt"), ("rmsprop", "constant"),
+                                                 ("adam", "cosine"), ("adamw", "linear")])
+def test_every_optimizer_and_schedule_trains_test_resnet(optimizer, schedule, weights, tmp_path):
+    import csv
+
+    import transferkit
+    from conftest import make_color_folder
+    from safetensors.torch import load_file
+
+    data = make_color_folder(tmp_path / "data", per_class=12, size=32)
+    run = transferkit.fit(data, out=tmp_path / "run", backbone="test_resnet", weights=str(weights), finetune="full",
+                          optimizer=optimizer, schedule=schedule, epochs=3, image_size=32, workers=0, patience=0,
+                          batch_size=8)
+    rows = list(csv.DictReader((run.path / "metrics.csv").open()))
+    assert len(rows) == 3 and all(float(r["train_loss"]) == float(r["train_loss"]) for r in rows)
+    before = load_file(str(weights))["conv1.0.weight"]
+    assert not torch.equal(run.model.conv1[0].weight, before)  # the stem moved: the optimizer stepped
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns
+    lrs = [float(r["lr"]) for r in rows]
+    if schedule == "constant":
+        assert lrs[1] == lrs[2]
+    else:
+        assert lrs[2] < lrs[1]
+
+
+def test_balanced_class_weights_raise_the_minority_recall_at_20_to_1(weights, tmp_path):
+    import numpy as np
+
+    import transferkit
+    from conftest import color_image
+
+    rng = np.random.default_rng(0)
+    colours = {"major": (190, 60, 50), "minor": (170, 80, 70)}  # close: the head must weigh its evidence
+    for split, counts in (("train", {"major": 60, "minor": 3}), ("val", {"major": 20, "minor": 20})):
+        for c, n in counts.items():
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                color_image(colours[c], 32, rng).save(tmp_path / "data" / split / c / f"{i}.png")
+    recall = {}
+    for cw in ("none", "balanced"):
+        run = transferkit.fit(tmp_path / "data", out=tmp_path / cw, backbone="test_resnet", weights=str(weights),
+                              finetune="freeze", image_size=32, workers=0, class_weights=cw)
+        recall[cw] = run.report["metrics"]["per_class"]["minor"]["recall"]
+        assert run.report["classes_balance"]["train_counts"] == {"major": 60, "minor": 3}
+    assert run.report["classes_balance"]["class_weights"] == pytest.approx([63 / 120, 63 / 6])
+    assert recall["balanced"] > recall["none"] + 0.2

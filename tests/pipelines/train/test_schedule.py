@@ -69,3 +69,25 @@ def test_lp_ft_probe_phase_trains_the_head_alone_then_every_group_warms_up_again
     assert head(11) == body(11) == pytest.approx(cosine)
     assert sched.judged_epochs() == {4, 5, 6}  # early stopping waits for the fine-tuning phase
     assert Schedule(epochs=8, cycles=2, probe_epochs=2).snapshot_epochs() == [5, 8]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "step", "linear", "inverse-sqrt", "constant"])
+def test_every_schedule_kind_equals_its_closed_form_at_chosen_steps(kind):
+    from transferkit.pipelines.train.schedule import Schedule
+
+    spe, epochs, warm_epochs, floor = 10, 12, 2, 0.01
+    total, w = spe * epochs, spe * warm_epochs
+    head, body = Schedule(epochs, kind=kind, warmup_epochs=warm_epochs, min_lr_ratio=floor, step_epochs=4,
+                          step_gamma=0.5).factors(spe)
+    closed = {
+        "cosine": lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - w) / (total - w))),
+        "step": lambda s: 0.5 ** ((s - w) // 40),
+        "linear": lambda s: 1 - (1 - floor) * (s - w) / (total - w),
+        "inverse-sqrt": lambda s: 1 / math.sqrt(1 + (s - w) / spe),
+        "constant": lambda s: 1.0,
+    }[kind]
+    for s in (0, 9, 19):  # linear warmup over the first two epochs
+        assert head(s) == pytest.approx((s + 1) / w)
+    for s in (20, 21, 45, 59, 60, 99, 119):
+        assert head(s) == pytest.approx(closed(s)) and body(s) == head(s)
+    assert head(total - 1) <= 1.0

@@ -38,7 +38,7 @@ class FitDataModule(pl.LightningDataModule):
                  eval_transform: Callable, *, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
                  run_path: Path | None = None, reads_features: Callable[[int], bool] = lambda epoch: False,
                  build_cache: Callable[[torch.device, int, Path], FeatureCache] | None = None,
-                 failures: FailureLog | None = None):
+                 failures: FailureLog | None = None, balanced: bool = False):
         super().__init__()
         self.train_samples, self.val_samples = list(train), list(val)
         self.train_ds = ImageDataset(train, train_transform, replace_failed=True, stage="training",
@@ -47,6 +47,7 @@ class FitDataModule(pl.LightningDataModule):
         # each index once: the broken file drops out of val metrics instead of ending the run.
         self.val_ds = ImageDataset(val, eval_transform, replace_failed=True, stage="validation", failures=failures)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.balanced = balanced  # --sampler balanced: draw each class equally often
         self.reads_features = reads_features
         self._build_cache = build_cache
         self._cache: FeatureCache | None = None
@@ -87,11 +88,13 @@ class FitDataModule(pl.LightningDataModule):
         if self.reads_features(epoch):
             cache = self.features()
             ds = FeatureDataset(cache.train, [s.label for s in self.train_samples], cache.train_rows)
-            sampler = EpochSampler(ds.n, self.seed, g, epoch, rank=rank, world=world, views=ds.views)
+            labels = ds.labels[ds.rows].tolist() if self.balanced else None
+            sampler = EpochSampler(ds.n, self.seed, g, epoch, rank=rank, world=world, views=ds.views, labels=labels)
             workers = 0  # rows of a tensor: a worker process only adds its start-up
         else:
             ds = self.train_ds
-            sampler = EpochSampler(len(ds), self.seed, g, epoch, rank=rank, world=world)
+            labels = [sample.label for sample in self.train_samples] if self.balanced else None
+            sampler = EpochSampler(len(ds), self.seed, g, epoch, rank=rank, world=world, labels=labels)
             workers = None
         return self._loader(ds, sampler, g, drop_tiny_last(len(sampler), self.batch_size), workers=workers)
 

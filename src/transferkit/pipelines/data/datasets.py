@@ -79,13 +79,21 @@ class EpochSampler(Sampler[int]):
     With several processes, rank r takes every world-th index of the same order, padded with
     repeats to equal length as torch's DistributedSampler does (validation counts each index once).
     With ``views`` > 1 (a feature cache), each image is drawn through one of its views, chosen by
-    (seed, epoch), and the index is ``view * n + i``.
+    (seed, epoch), and the index is ``view * n + i``. With ``labels`` (``--sampler balanced``) an
+    epoch is n draws with replacement, each class equally likely (an image's chance is inverse to
+    its class's size), from the same (seed, epoch) generator: exact under resume and DDP alike.
     """
 
     def __init__(self, n: int, seed: int, generator: torch.Generator, epoch: int = 0, *, rank: int = 0,
-                 world: int = 1, views: int = 1):
+                 world: int = 1, views: int = 1, labels: Sequence[int] | None = None):
         self.n, self.seed, self.generator = n, seed, generator
         self.rank, self.world, self.views = rank, world, views
+        self.weights = None
+        if labels is not None:
+            y = torch.as_tensor(list(labels), dtype=torch.long)
+            if len(y) != n:
+                raise ValueError(f"{len(y)} labels for {n} samples")
+            self.weights = 1.0 / torch.bincount(y).double()[y]
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,7 +105,10 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + 1)
-        order = torch.randperm(self.n, generator=g)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         if self.views > 1:
             order = torch.randint(0, self.views, (self.n,), generator=g) * self.n + order
         return iter(shard(order.tolist(), self.rank, self.world))

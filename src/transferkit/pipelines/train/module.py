@@ -32,12 +32,19 @@ SOLVED_KEY = "solved_head"
 
 @dataclass(frozen=True)
 class Optim:
-    """The optimizer's settings (the rate itself comes from the Plan)."""
+    """The optimizer's and the loss's settings (the rate itself comes from the Plan)."""
 
-    optimizer: str = "adamw"          # adamw | sgd (Nesterov momentum)
+    optimizer: str = "adamw"          # settings.OPTIMIZERS
     weight_decay: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9             # momentum, nesterov, rmsprop
     label_smoothing: float = 0.1
+    class_weights: tuple[float, ...] | None = None  # per class, in the loss
+
+    def timm_args(self) -> dict:
+        """timm's ``create_optimizer_v2`` name and momentum: timm's "sgd" means Nesterov, ours plain SGD."""
+        name, momentum = {"sgd": ("momentum", 0.0), "momentum": ("momentum", self.momentum),
+                          "nesterov": ("nesterov", self.momentum)}.get(self.optimizer, (self.optimizer, self.momentum))
+        return {"opt": name, "momentum": momentum}
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,8 @@ class ImageClassifier(pl.LightningModule):
             loss = soft_target_cross_entropy(logits, soft)
         else:
             logits = self(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.optim.label_smoothing)
+            loss = F.cross_entropy(logits, y, weight=self._class_weight(logits),
+                                   label_smoothing=self.optim.label_smoothing)
         if not torch.isfinite(loss):
             half = not str(self.trainer.precision).startswith(("32", "64"))
             raise TrainingDiverged(
@@ -179,6 +187,10 @@ class ImageClassifier(pl.LightningModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=len(y))
         return {"loss": loss, "correct": correct.detach(), "count": len(y)}
+
+    def _class_weight(self, logits: torch.Tensor) -> torch.Tensor | None:
+        w = self.optim.class_weights
+        return None if w is None else torch.tensor(w, dtype=logits.dtype, device=logits.device)
 
     # -- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -210,9 +222,8 @@ class ImageClassifier(pl.LightningModule):
 
         p, o = self.plan, self.optim
         groups = param_groups(self.model, self.groups, p, p.lr, p.layer_decay, o.weight_decay)
-        # timm's factory over our groups: "nesterov" is SGD with Nesterov momentum.
-        opt = create_optimizer_v2(groups, opt="adamw" if o.optimizer == "adamw" else "nesterov", lr=p.lr,
-                                  weight_decay=o.weight_decay, momentum=o.momentum)
+        # timm's factory over our groups.
+        opt = create_optimizer_v2(groups, lr=p.lr, weight_decay=o.weight_decay, **o.timm_args())
         epochs = max(1, self.trainer.max_epochs or 1)
         per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
         head, body = self.schedule.factors(per_epoch)

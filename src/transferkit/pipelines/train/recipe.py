@@ -40,7 +40,8 @@ from transferkit.backbones import factory
 from transferkit.backbones.advisor import Advice, decide, measure_with_features
 from transferkit.backbones.groups import LayerGroups, layer_groups
 from transferkit.backbones.probe import ProbeFit, solve_probe
-from transferkit.backbones.strategies import DEFAULT_LAYER_DECAY, DEFAULT_LR, SCRATCH_LR, SGD_LR_FACTOR, Plan, make_plan
+from transferkit.backbones.strategies import (DEFAULT_LAYER_DECAY, DEFAULT_LR, OPTIMIZER_LR_FACTOR, SCRATCH_LR, Plan,
+                                              make_plan)
 from transferkit.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from transferkit.pipelines.data.datamodule import FeatureCache, FitDataModule
 from transferkit.pipelines.data.datasets import ImageDataset, Sample
@@ -177,7 +178,7 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
     feature_ok = cfg.finetune in ("auto", "freeze", "lp-ft") and features_exact(cfg, backbone.model, split, pixels)
     solve = feature_ok and cfg.solved_head and solvable(cfg, backbone.model)
     schedule = make_schedule(cfg, plan, solve)
-    module = make_module(cfg, backbone, plan, schedule, split.classes)
+    module = make_module(cfg, backbone, plan, schedule, split)
     module.phases = phases_for(plan, schedule, feature_ok, solve)
     data = make_data(cfg, run, split, pixels, module, clean, failures, progress)
     module.head_solver = lambda: solve_head(cfg, data, split)
@@ -231,10 +232,12 @@ def load_backbone(cfg: FitConfig, split: Split, saved: RunDir | None) -> Backbon
     """The backbone with a new head; on resume the architecture alone (the checkpoint has the weights)."""
     if saved is not None:
         model, data_cfg = factory.create(cfg.backbone, len(split.classes), pretrained=False,
-                                         plugin=cfg.backbone_plugin, image_size=cfg.image_size, quiet=True)
+                                         plugin=cfg.backbone_plugin, image_size=cfg.image_size, quiet=True,
+                                         drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path)
     else:
         model, data_cfg = factory.create(cfg.backbone, len(split.classes), pretrained=cfg.pretrained,
-                                         weights=cfg.weights, plugin=cfg.backbone_plugin, image_size=cfg.image_size)
+                                         weights=cfg.weights, plugin=cfg.backbone_plugin, image_size=cfg.image_size,
+                                         drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path)
     return Backbone(model, layer_groups(model), data_cfg)
 
 
@@ -264,7 +267,7 @@ def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels
 
     def rate(strategy: str, suggested: float | None = None) -> float:
         lr = cfg.lr or suggested or (SCRATCH_LR if cfg.from_scratch else DEFAULT_LR[strategy])
-        return lr * (SGD_LR_FACTOR if cfg.optimizer == "sgd" and not cfg.lr else 1.0)
+        return lr if cfg.lr else lr * OPTIMIZER_LR_FACTOR[cfg.optimizer]
 
     if cfg.finetune != "auto":
         return make_plan(cfg.finetune, groups, cfg.trainable_groups, f"--finetune {cfg.finetune}",
@@ -312,7 +315,7 @@ def make_schedule(cfg: FitConfig, plan: Plan, solve: bool = False) -> Schedule:
     if solve and plan.strategy == "freeze":
         return Schedule(epochs=1, kind=cfg.schedule, warmup_epochs=0.0)
     return Schedule(epochs=cfg.epochs + probe, kind=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
-                    cycles=cfg.snapshots, swa=cfg.swa and not cfg.snapshots, probe_epochs=probe,
+                    step_epochs=cfg.step_epochs, step_gamma=cfg.step_gamma, cycles=cfg.snapshots, swa=cfg.swa and not cfg.snapshots, probe_epochs=probe,
                     probe_lr_scale=DEFAULT_LR["freeze"] / plan.lr if probe else 1.0)
 
 
@@ -345,15 +348,15 @@ def solve_head(cfg: FitConfig, data: FitDataModule, split: Split) -> ProbeFit:
     cache = data.features()
     rows = cache.train_rows if cache.train_rows is not None else list(range(len(split.train)))
     fit = solve_probe(cache.train[:, rows], [split.train[i].label for i in rows], num_classes=len(split.classes),
-                      label_smoothing=cfg.label_smoothing, seed=cfg.seed)
+                      label_smoothing=cfg.label_smoothing, class_weight=class_weights(cfg, split), seed=cfg.seed)
     log.info("head solved on %d image(s) x %d view(s): L2 %g chosen by %d-fold cross-validation (held-out accuracy"
              " %s), %d L-BFGS iterations, %.1f s", len(rows), cache.train.shape[0], fit.l2, fit.folds,
              "n/a" if fit.cv_accuracy is None else f"{fit.cv_accuracy:.3f}", fit.iterations, fit.seconds)
     return fit
 
 
-def make_module(cfg: FitConfig, backbone: Backbone, plan: Plan, schedule: Schedule,
-                classes: list[str]) -> ImageClassifier:
+def make_module(cfg: FitConfig, backbone: Backbone, plan: Plan, schedule: Schedule, split: Split) -> ImageClassifier:
+    classes = split.classes
     mixer = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixer = BatchMixer(len(classes), mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
@@ -361,8 +364,17 @@ def make_module(cfg: FitConfig, backbone: Backbone, plan: Plan, schedule: Schedu
                            label_smoothing=cfg.label_smoothing)
     meta = checkpoint_meta(cfg, backbone, classes)
     return ImageClassifier(backbone.model, backbone.groups, plan, schedule,
-                           Optim(cfg.optimizer, cfg.weight_decay, label_smoothing=cfg.label_smoothing), len(classes),
+                           Optim(cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.label_smoothing,
+                                 class_weights(cfg, split)), len(classes),
                            mixer=mixer, mix_until_epoch=cfg.mixup_off_epoch or None, meta=meta)
+
+
+def class_weights(cfg: FitConfig, split: Split) -> tuple[float, ...] | None:
+    """``--class-weights balanced``: n / (k * n_c) per class c, scikit-learn's "balanced" (None: equal)."""
+    if cfg.class_weights == "none":
+        return None
+    counts = np.bincount([s.label for s in split.train], minlength=len(split.classes)).astype(float)
+    return tuple(float(len(split.train) / (len(counts) * c)) if c else 0.0 for c in counts)
 
 
 def checkpoint_meta(cfg: FitConfig, backbone: Backbone, classes: list[str]) -> dict:
@@ -399,7 +411,7 @@ def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module:
     data = FitDataModule(split.train, split.val, pixels.train, pixels.eval, batch_size=cfg.batch_size,
                          num_workers=workers, seed=cfg.seed, run_path=run.path,
                          reads_features=lambda epoch: module.phases.reads_features(epoch), build_cache=build_cache,
-                         failures=failures)
+                         failures=failures, balanced=cfg.sampler == "balanced")
     return data
 
 
@@ -529,6 +541,9 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         "images": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
                    "skipped": len(split.skipped)},
         "finetune": finetune_record(module.plan, module), "head_solver": module.solved,
+        "classes_balance": {"train_counts": dict(zip(split.classes, np.bincount(
+            [s.label for s in split.train], minlength=len(split.classes)).tolist())),
+            "class_weights": list(module.optim.class_weights or []) or None, "sampler": cfg.sampler},
         "data_config": backbone.data_cfg.to_dict(),
         "metrics": metrics,
     }

@@ -1,7 +1,7 @@
 """The learning-rate schedule of a fit, computed once from the settings and handed to the module as data.
 
-One ``Schedule`` holds everything that shapes the rate: warmup, the kind (cosine, step,
-constant), snapshot cycles with warm restarts (``fit --snapshots``), the flat SWA phase
+One ``Schedule`` holds everything that shapes the rate: warmup, the kind (cosine, step, linear,
+inverse-sqrt, constant), snapshot cycles with warm restarts (``fit --snapshots``), the flat SWA phase
 (``fit --swa``) and lp-ft's linear-probe phase, which comes first and trains the head alone.
 ``Schedule.factors(steps_per_epoch)`` gives the multiplier of the head's and the backbone's base
 rates at each optimizer step; the epochs at which snapshots, SWA and early stopping act are
@@ -83,7 +83,7 @@ class Schedule:
     """
 
     epochs: int
-    kind: str = "cosine"              # cosine | step | constant
+    kind: str = "cosine"              # cosine | step | linear | inverse-sqrt | constant
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01        # cosine floor as a fraction of the peak
     step_epochs: int = 0              # step: decay every N epochs (0: a third of the main phase)
@@ -149,6 +149,11 @@ class Schedule:
             if self.kind == "step":
                 every = max(1, self.step_epochs or math.ceil(total / spe / 3)) * spe
                 return self.step_gamma ** ((step - warmup) // every)
+            if self.kind == "linear":  # from 1 after warmup to the floor at the last step
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return 1.0 - (1.0 - self.min_lr_ratio) * progress
+            if self.kind == "inverse-sqrt":  # 1 / sqrt(1 + epochs since warmup)
+                return 1.0 / math.sqrt(1.0 + (step - warmup) / spe)
             return warmup_cosine(step, total, warmup, self.min_lr_ratio)
 
         if self.swa:  # SWALR's flat phase: the rate where the SWA epochs start, held
