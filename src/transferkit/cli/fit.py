@@ -11,16 +11,42 @@ from transferkit.errors import UserError
 _NOT_SETTINGS = ("func", "config", "resume", "verbose", "command", "print_config")
 
 
+def _lr(text: str) -> float | str:
+    if text == "find":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'find'") from None
+
+
 def add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="fine-tune a pretrained backbone on an image folder",
+                       formatter_class=_Formatter, argument_default=argparse.SUPPRESS, description=(
+                           "Fine-tune a timm backbone on DATA: either DATA/<class>/*.jpg (a stratified"
+                           " validation split is drawn) or DATA/train/<class>/ + DATA/val/<class>/"
+                           " (+ optional DATA/test/<class>/)."))
+    _fit_options(p)
+    p.set_defaults(func=_cmd_fit)
+
+
+def add_lr_find(sub) -> None:
+    p = sub.add_parser("lr-find", help="sweep the learning rate on DATA with fit's settings and plot it, no training",
+                       formatter_class=_Formatter, argument_default=argparse.SUPPRESS, description=(
+                           "Runs fit's steps up to training, then Lightning's LR finder over what the strategy"
+                           " trains (100 steps, rate 1e-6 to 1, exponential); writes OUT/plots/lr_find.png,"
+                           " OUT/lr_find.json and OUT/config.yaml, and prints the suggested head rate"
+                           " (`fit --lr find` does the same and then trains with it)."))
+    _fit_options(p)
+    p.set_defaults(func=_cmd_lr_find)
+
+
+def _fit_options(p) -> None:
+    """The settings fit takes (lr-find takes the same)."""
     from transferkit.pipelines.settings import CLASS_WEIGHTS, FINETUNE_CHOICES, OPTIMIZERS, SAMPLERS, SCHEDULES, FitConfig
 
     d = FitConfig()
     S = argparse.SUPPRESS
-    p = sub.add_parser("fit", help="fine-tune a pretrained backbone on an image folder",
-                       formatter_class=_Formatter, argument_default=S, description=(
-                           "Fine-tune a timm backbone on DATA: either DATA/<class>/*.jpg (a stratified"
-                           " validation split is drawn) or DATA/train/<class>/ + DATA/val/<class>/"
-                           " (+ optional DATA/test/<class>/)."))
     p.add_argument("data", nargs="?", help="image folder")
     p.add_argument("--config", default=None, help="replay a run's config.yaml (arguments given here override it)")
     p.add_argument("--out", help="run directory (default: runs/<backbone>-<timestamp>)")
@@ -47,7 +73,8 @@ def add_fit(sub) -> None:
     g.add_argument("--layer-decay", type=float,
                    help="lr factor per layer group below the head (default 0.5; 1.0 from random weights)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="head learning rate (default: by strategy, see README)")
+    g.add_argument("--lr", type=_lr, help="head learning rate (default: by strategy and optimizer, see README);"
+                                           " find: the LR finder's suggestion")
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help=f"(default {d.optimizer}) through timm's factory; sgd is plain SGD, momentum and nesterov add"
                         " --momentum; the default rate scales with the optimizer (README)")
@@ -119,7 +146,6 @@ def add_fit(sub) -> None:
                                     " (RUN_DIR/logs/tensorboard), mlflow (a file store in RUN_DIR/mlruns)")
     g.add_argument("--mlflow-uri", help="mlflow's tracking URI instead of RUN_DIR/mlruns, e.g. sqlite:///mlflow.db"
                                         " or http://host:5000")
-    p.set_defaults(func=_cmd_fit)
 
 
 def _fit_config(args: argparse.Namespace):
@@ -180,6 +206,31 @@ def _cmd_fit(args) -> int:
     print(f"val accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}"
           f"  after {report['epochs_trained']} epochs, {report['train_seconds']:.0f} s")
     print(f"run directory: {out}   (open {Path(out) / 'report.html'} in a browser)")
+    return 0
+
+
+def _cmd_lr_find(args) -> int:
+    if getattr(args, "lr", "find") != "find" or args.resume:
+        raise UserError("lr-find sweeps the rate itself; drop --lr" + (" and --resume" if args.resume else ""))
+    args.lr = "find"
+    if not getattr(args, "out", None):
+        from transferkit.pipelines.settings import FitConfig, default_out
+
+        args.out = default_out("lr-find-" + getattr(args, "backbone", FitConfig.backbone))
+    cfg = _fit_config(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    quiet_lightning(args.verbose)
+    from transferkit.pipelines.train.recipe import fit
+
+    found = fit(cfg, progress=progress(), find_only=True)
+    if found is None:
+        return 0
+    lr = found["lr_find"]["suggestion"]
+    print(f"suggested head learning rate: {lr:.3g} ({found['finetune']['strategy']}, {cfg.optimizer})")
+    print(f"curve: {Path(cfg.out) / 'plots' / 'lr_find.png'}; train with it: transferkit fit --config"
+          f" {Path(cfg.out) / 'config.yaml'} --lr {lr:.3g}")
     return 0
 
 

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fit.add_fit(sub)
+    fit.add_lr_find(sub)
     evaluate.add_evaluate(sub)
     evaluate.add_predict(sub)
     export.add_export(sub)

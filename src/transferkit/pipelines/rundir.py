@@ -54,6 +54,7 @@ class RunDir:
     plots = property(lambda self: self.path / "plots")
     failures = property(lambda self: self.path / ".failures")  # see data/failures.py
     page = property(lambda self: self.path / "report.html")
+    lr_find = property(lambda self: self.path / "lr_find.json")  # fit --lr find, transferkit lr-find
 
     def predictions(self, split: str, combination: str | None = None) -> Path:
         """``predictions-<split>.csv``: per-image rows (evaluate/per_image.py); ``combination``

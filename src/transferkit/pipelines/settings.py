@@ -49,7 +49,7 @@ class FitConfig:
     head_solver: str | None = None    # the frozen head: lbfgs (solved) or sgd (epochs); None: lbfgs where it can
     layer_decay: float | None = None  # None: 0.5 for pretrained weights, 1.0 from random weights
     # optimisation
-    lr: float | None = None           # None: the strategy's default
+    lr: float | str | None = None     # None: the strategy's default; "find": the LR finder's suggestion
     optimizer: str = "adamw"
     momentum: float = 0.9             # momentum, nesterov, rmsprop
     weight_decay: float = 0.05
@@ -145,11 +145,25 @@ class FitConfig:
         if (self.step_epochs or self.step_gamma != 0.1) and self.schedule != "step":
             raise ConfigError(f"{name('step_epochs')} and {name('step_gamma')} shape {name('schedule')} step; add it,"
                               f" or drop them for {self.schedule}")
+        if self.lr == "find":
+            self._check_lr_find(name)
         if self.head_solver == "lbfgs":
             self._check_solved_head(name)
         if self.snapshots and self.finetune == "lp-ft":
             raise ConfigError(f"{name('snapshots')} and {name('finetune')} lp-ft cannot be combined yet; the"
                               " probe phase and the cycles would share one schedule: pick one")
+
+    def _check_lr_find(self, name: Callable[[str], str]) -> None:
+        """The LR finder sweeps one process's optimizer steps over the strategy's training."""
+        if self.finetune == "lp-ft":
+            raise ConfigError(f"{name('lr')} find sweeps one phase and lp-ft has two; pass {name('lr')} for its"
+                              " fine-tuning phase, or find it with --finetune full")
+        if str(self.devices) not in ("auto", "1") or self.num_nodes > 1:
+            raise ConfigError(f"{name('lr')} find runs in one process; find the rate first with `transferkit lr-find`"
+                              f" and pass it with {name('lr')}")
+        if self.head_solver == "lbfgs":
+            raise ConfigError(f"{name('lr')} find sweeps optimizer steps and {name('head_solver')} lbfgs takes none;"
+                              f" use {name('head_solver')} sgd")
 
     def _check_solved_head(self, name: Callable[[str], str]) -> None:
         """A solved head is fitted once on cached features of a frozen backbone."""
@@ -176,7 +190,7 @@ class FitConfig:
         if self.head_solver is not None:
             return self.head_solver == "lbfgs"
         return not (self.mixup or self.cutmix or self.ema or self.swa or self.snapshots or self.cache_views < 1
-                    or self.sampler == "balanced")
+                    or self.sampler == "balanced" or self.lr == "find")
 
     def replace(self, **changes: Any) -> "FitConfig":
         """A new config with `changes`, checked as a whole again."""
@@ -288,6 +302,7 @@ class Constraint:
     choices: tuple[str, ...] = ()
     optional: bool = False
     several: bool = False                   # choices joined by commas, e.g. "csv,mlflow"
+    words: tuple[str, ...] = ()             # strings a number setting also takes, e.g. lr "find"
 
     def expected(self) -> str:
         if self.choices and self.several:
@@ -305,6 +320,7 @@ class Constraint:
                          f"{')' if self.high_open else ']'}")
             elif self.low is not None:
                 text += f" {'>' if self.low_open else '>='} {self.low:g}"
+        text += "".join(f" or {w}" for w in self.words)
         return text + (" (or null for the default)" if self.optional else "")
 
     def check(self, value: Any, name: str) -> None:
@@ -312,6 +328,8 @@ class Constraint:
             if self.optional:
                 return
             raise ConfigError(f"{name}: null is not allowed; expected {self.expected()}")
+        if isinstance(value, str) and value in self.words:
+            return
         ok_type = {
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -360,7 +378,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "finetune": _choice(FINETUNE_CHOICES), "trainable_groups": _int(1),
     "head_solver": _choice(HEAD_SOLVERS, optional=True),
     "layer_decay": _float(0, 1, low_open=True, optional=True),
-    "lr": _float(0, low_open=True, optional=True), "optimizer": _choice(OPTIMIZERS),
+    "lr": Constraint("float", 0, low_open=True, optional=True, words=("find",)), "optimizer": _choice(OPTIMIZERS),
     "momentum": _float(0, 1, high_open=True),
     "weight_decay": _float(0), "schedule": _choice(SCHEDULES), "warmup_epochs": _float(0),
     "step_epochs": _int(0), "step_gamma": _float(0, 1, low_open=True),

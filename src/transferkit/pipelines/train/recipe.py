@@ -8,10 +8,11 @@ purpose, so that the whole fit reads in order, as torchvision's reference train.
     schedule  = make_schedule(cfg, plan)          the rate of every step, as data
     module    = make_module(...)                  the LightningModule
     data      = make_data(...)                    the DataModule (images, or cached features)
+    finding   = find_lr(cfg, module, data)        --lr find: the LR finder's rate goes into the plan
     write_run(run, ...)                           config.yaml, classes, splits (rank 0)
     trainer   = make_trainer(...)                 one Trainer for every strategy
     train(trainer, ...)                           fit, with interrupts made resumable
-    report    = write_report(...)                 report.json and plots (rank 0)
+    report    = write_report(...)                 report.json, per-image rows, plots, report.html (rank 0)
 
 Each step returns one typed value; the config is frozen after it is checked. With several
 processes, rank 0 measures and writes; the others receive its decision through Lightning's
@@ -19,6 +20,7 @@ broadcast (``RankZeroDecides``) before the model is wrapped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -61,6 +63,7 @@ from transferkit.pipelines.evaluate.plots import plot_confusion, plot_curves
 from transferkit.pipelines.rundir import RunDir, safe_load
 from transferkit.pipelines.settings import FitConfig, default_out
 from transferkit.pipelines.train.callbacks import RankZeroDecides
+from transferkit.pipelines.train.lr_find import find_lr
 from transferkit.pipelines.train.module import ImageClassifier, Optim, Phases
 from transferkit.pipelines.train.schedule import Schedule
 from transferkit.pipelines.train.trainer import check_devices, launched_as_rank_zero, make_trainer
@@ -114,15 +117,19 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------- the recipe
 
 
-def fit(cfg: FitConfig, *, progress: bool = True) -> dict | None:
+def fit(cfg: FitConfig, *, progress: bool = True, find_only: bool = False) -> dict | None:
     """Train and write the run directory ``cfg.out`` (default ``runs/<backbone>-<time>``); the
-    report on rank 0, None on other ranks. Several backbones (``"a,b,c"``): ``advise.fit_best``."""
+    report on rank 0, None on other ranks. Several backbones (``"a,b,c"``): ``advise.fit_best``.
+    `find_only` (``transferkit lr-find``, with ``cfg.lr == "find"``): stop after the LR finder
+    has written its plot and suggestion; the finding is returned."""
     if "," in cfg.backbone:
         raise ConfigError(f"--backbone {cfg.backbone} names several backbones: fit them through"
                           " `advise.fit_best` (what `transferkit fit` and `transferkit.fit` do), which fits the best")
     if not cfg.out:
         cfg = cfg.replace(out=default_out(cfg.backbone))
-    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress)
+    if find_only and cfg.lr != "find":
+        raise ConfigError("lr-find sweeps the rate itself; drop --lr")
+    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress, find_only=find_only)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
@@ -150,14 +157,15 @@ def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
 
 
 def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
-            ckpt: Path | None = None) -> dict | None:
+            ckpt: Path | None = None, find_only: bool = False) -> dict | None:
     try:
-        return _steps(cfg, run, saved=saved, progress=progress, ckpt=ckpt)
+        return _steps(cfg, run, saved=saved, progress=progress, ckpt=ckpt, find_only=find_only)
     finally:
         run.release()
 
 
-def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool, ckpt: Path | None) -> dict | None:
+def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool, ckpt: Path | None,
+           find_only: bool = False) -> dict | None:
     t0 = time.monotonic()
     rank0 = launched_as_rank_zero()
     check_devices(cfg)
@@ -182,9 +190,20 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
     module.phases = phases_for(plan, schedule, feature_ok, solve)
     data = make_data(cfg, run, split, pixels, module, clean, failures, progress)
     module.head_solver = lambda: solve_head(cfg, data, split)
+    finding = None
+    if cfg.lr == "find" and saved is None:
+        finding = find_lr(cfg, module, data, progress=progress)
+        plan = dataclasses.replace(plan, lr=finding.suggestion,
+                                   reason=f"{plan.reason}; head lr {finding.suggestion:.3g} from the LR finder")
+        module.set_plan(plan)
     if saved is None and rank0:
         run.make(overwrite=cfg.overwrite)
         write_run(run, cfg, split, backbone, plan, pixels, module)
+        if finding is not None:
+            run.write_json(run.lr_find, finding.to_dict())
+            finding.plot(run.plots / "lr_find.png", title=f"LR finder: {plan.strategy}, {cfg.optimizer}")
+    if find_only:
+        return {"lr_find": finding.to_dict(), "finetune": finetune_record(plan, module)}
 
     def decided(d: Decision) -> None:  # the same on every rank once rank 0's decision arrives
         module.set_plan(d.plan)
@@ -266,8 +285,9 @@ def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels
     decay = cfg.layer_decay if cfg.layer_decay is not None else (1.0 if cfg.from_scratch else DEFAULT_LAYER_DECAY)
 
     def rate(strategy: str, suggested: float | None = None) -> float:
-        lr = cfg.lr or suggested or (SCRATCH_LR if cfg.from_scratch else DEFAULT_LR[strategy])
-        return lr if cfg.lr else lr * OPTIMIZER_LR_FACTOR[cfg.optimizer]
+        given = cfg.lr if cfg.lr != "find" else None  # the finder replaces the default later
+        lr = given or suggested or (SCRATCH_LR if cfg.from_scratch else DEFAULT_LR[strategy])
+        return lr if given else lr * OPTIMIZER_LR_FACTOR[cfg.optimizer]
 
     if cfg.finetune != "auto":
         return make_plan(cfg.finetune, groups, cfg.trainable_groups, f"--finetune {cfg.finetune}",
@@ -557,6 +577,8 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         log.info("temperature %.3f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f (fitted on val)", t,
                  report["calibration"]["before"]["nll"], report["calibration"]["after"]["nll"],
                  report["calibration"]["before"]["ece"], report["calibration"]["after"]["ece"])
+    if run.lr_find.is_file():
+        report["lr_find"] = {k: v for k, v in run.read_json(run.lr_find).items() if k in ("suggestion", "steps")}
     report["ensembles"] = RunWeights(run).available()  # the `evaluate --ensemble` values this run offers
     run.write_json(run.report, report)
     plot_curves(run.metrics, run.plots / "curves.png")
