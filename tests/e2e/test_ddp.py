@@ -38,7 +38,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("finetune", ["full", "freeze", "partial", "lp-ft", "auto"])
+@pytest.mark.parametrize("finetune", ["full", "freeze", "partial", "lp-ft", "gradual", "auto"])
 def test_two_processes_write_one_run_and_count_each_val_image_once(data, weights, tmp_path, finetune):
     work = tmp_path / "work"
     work.mkdir()

@@ -130,3 +130,14 @@ def test_step_settings_need_the_step_schedule():
         FitConfig.build({"data": "d", "step_epochs": 3}, source="cli")
     cfg = FitConfig.build({"data": "d", "schedule": "step", "step_epochs": 3, "step_gamma": 0.5})
     assert (cfg.step_epochs, cfg.step_gamma) == (3, 0.5)
+
+
+def test_gradual_unfreezing_refuses_what_would_reshape_its_stages():
+    with pytest.raises(ConfigError, match=r"--finetune gradual restarts a warmed-up cosine at every stage; drop --swa,"
+                                          r" --snapshots$"):
+        FitConfig.build({"data": "d", "finetune": "gradual", "swa": True, "snapshots": 2, "epochs": 4}, source="cli")
+    with pytest.raises(ConfigError, match=r"drop --schedule step$"):
+        FitConfig.build({"data": "d", "finetune": "gradual", "schedule": "step"}, source="cli")
+    with pytest.raises(ConfigError, match="head_solver= lbfgs solves the head of a frozen backbone"):
+        FitConfig.build({"data": "d", "finetune": "gradual", "head_solver": "lbfgs"})
+    assert FitConfig.build({"data": "d", "finetune": "gradual", "unfreeze_every": 3}).unfreeze_every == 3

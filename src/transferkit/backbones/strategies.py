@@ -6,6 +6,8 @@
 - full: everything trains.
 - lp-ft: a linear probe on the frozen backbone first, then full fine-tuning from that head
   (Kumar et al. 2022): a good head keeps the first full steps from distorting the features.
+- gradual: the head alone first, then one more group from the top every few epochs (ULMFiT's
+  gradual unfreezing; the stages live in the Schedule, a group waits in eval mode until it joins).
 
 Trained backbone groups get layer-wise decayed learning rates: the head gets `lr`, the top
 backbone group `lr * decay`, the next `lr * decay**2`, and so on down to the stem. With the
@@ -27,7 +29,8 @@ DEFAULT_TRAINABLE_GROUPS = 2
 # Head learning rates with AdamW that work for each strategy: a linear head on frozen
 # features wants a large step (1e-2 reached 0.86 on hymenoptera where 3e-3 reached 0.75 in the
 # same 10 epochs); moving pretrained layers wants a small one.
-DEFAULT_LR = {"freeze": 1e-2, "partial": 3e-3, "full": 1e-3, "lp-ft": 1e-3}
+DEFAULT_LR = {"freeze": 1e-2, "partial": 3e-3, "full": 1e-3, "lp-ft": 1e-3,
+              "gradual": 3e-3}  # gradual: partial's rate, not measured on its own
 SCRATCH_LR = 3e-3  # random weights: one rate for every layer
 # Each optimizer's head rate as a multiple of AdamW's above, measured by
 # benchmarks/optimizer_lr.py (partial fine-tuning of MobileNetV1 x0.25 on hymenoptera): momentum
@@ -85,10 +88,10 @@ def make_plan(strategy: str, groups: LayerGroups, trainable_groups: int = DEFAUL
             raise ConfigError(f"--trainable-groups {trainable_groups} is out of range; this backbone has"
                               f" {n} layer groups ({', '.join(labels)}): use 1 to {n}")
         trainable = list(range(n - trainable_groups, n))
-    elif strategy in ("full", "lp-ft"):
-        trainable = list(range(n))
+    elif strategy in ("full", "lp-ft", "gradual"):
+        trainable = list(range(n))  # gradual: each from its stage on (Schedule.join_epoch)
     else:
-        raise ConfigError(f"unknown --finetune {strategy!r}; use one of freeze, partial, full, lp-ft, auto")
+        raise ConfigError(f"unknown --finetune {strategy!r}; use one of freeze, partial, full, lp-ft, gradual, auto")
     return Plan(strategy, tuple(trainable), reason or f"--finetune {strategy}", tuple(labels), lr, layer_decay,
                 advice)
 
@@ -102,13 +105,15 @@ def apply_plan(model: nn.Module, groups: LayerGroups, plan: Plan) -> None:
         p.requires_grad_(name in trainable)
 
 
-def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    """The largest sub-modules whose parameters are all frozen (they run in eval mode)."""
+def frozen_modules(model: nn.Module, also: set[str] = frozenset()) -> list[nn.Module]:
+    """The largest sub-modules whose parameters are all frozen (they run in eval mode): not
+    requiring gradients, or named in `also` (gradual unfreezing's groups that have not joined)."""
     out: list[nn.Module] = []
+    held = {id(p) for name, p in model.named_parameters() if name in also}
 
     def visit(module: nn.Module) -> None:
         params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
+        if params and not any(p.requires_grad and id(p) not in held for p in params):
             out.append(module)
             return
         for child in module.children():
@@ -118,9 +123,9 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def set_frozen_eval(model: nn.Module) -> None:
+def set_frozen_eval(model: nn.Module, also: set[str] = frozenset()) -> None:
     """Put frozen parts in eval mode so BatchNorm statistics and dropout stay as loaded."""
-    for m in frozen_modules(model):
+    for m in frozen_modules(model, also):
         m.eval()
 
 
@@ -133,15 +138,15 @@ def param_groups(model: nn.Module, groups: LayerGroups, plan: Plan, lr: float,
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     plain = lambda k: named[k].ndim <= 1 or k.endswith(".bias") or k in skip  # noqa: E731
     n = len(groups)
-    scaled: list[tuple[float, list[str], bool]] = [(1.0, list(groups.head), True)]
+    scaled: list[tuple[float, list[str], bool, int]] = [(1.0, list(groups.head), True, 0)]
     for i in plan.trainable:
-        scaled.append((layer_decay ** (n - i), list(groups.params[i]), False))
+        scaled.append((layer_decay ** (n - i), list(groups.params[i]), False, n - i))
     out = []
-    for scale, names, is_head in scaled:
+    for scale, names, is_head, depth in scaled:
         decay = [named[k] for k in names if named[k].requires_grad and not plain(k)]
         no_decay = [named[k] for k in names if named[k].requires_grad and plain(k)]
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params:
                 out.append({"params": params, "lr": lr * scale, "weight_decay": wd, "lr_scale": scale,
-                            "is_head": is_head})
+                            "is_head": is_head, "depth": 0 if is_head else depth})
     return out

@@ -64,6 +64,9 @@ def _fit_options(p) -> None:
     g.add_argument("--image-size", type=int, help="input size (default: the backbone's pretrained size)")
     g = p.add_argument_group("fine-tuning strategy")
     g.add_argument("--finetune", choices=FINETUNE_CHOICES, help=f"strategy (default {d.finetune})")
+    g.add_argument("--unfreeze-every", type=int, metavar="E",
+                   help=f"gradual: the head trains alone for E epochs, then one more layer group from the top joins"
+                        f" every E epochs, the rate warming up again at each (default {d.unfreeze_every})")
     g.add_argument("--trainable-groups", type=int,
                    help=f"partial: how many top layer groups train (default {d.trainable_groups})")
     g.add_argument("--head-solver", choices=("lbfgs", "sgd"),

@@ -1,5 +1,8 @@
 """The settings of a fit: one typed, frozen ``FitConfig``, checked once against one table.
 
+(lines: every setting, its constraint and the rules that tie settings together stay in this one
+file: it is the one boundary every value passes.)
+
 Every setting reaches a run through ``FitConfig.build`` (command-line flags, a ``--config`` YAML,
 the Python API alike), which checks each value against ``CONSTRAINTS`` (type, range or choices)
 and then the rules that tie settings together, in the style of scikit-learn's parameter
@@ -21,7 +24,7 @@ from transferkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FINETUNE_CHOICES = ("auto", "freeze", "partial", "full", "lp-ft")
+FINETUNE_CHOICES = ("auto", "freeze", "partial", "full", "lp-ft", "gradual")
 HEAD_SOLVERS = ("lbfgs", "sgd")
 CALIBRATIONS = ("temperature",)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
@@ -46,6 +49,7 @@ class FitConfig:
     # strategy
     finetune: str = "auto"
     trainable_groups: int = 2
+    unfreeze_every: int = 1           # gradual: epochs before the next group from the top joins
     head_solver: str | None = None    # the frozen head: lbfgs (solved) or sgd (epochs); None: lbfgs where it can
     layer_decay: float | None = None  # None: 0.5 for pretrained weights, 1.0 from random weights
     # optimisation
@@ -145,6 +149,8 @@ class FitConfig:
         if (self.step_epochs or self.step_gamma != 0.1) and self.schedule != "step":
             raise ConfigError(f"{name('step_epochs')} and {name('step_gamma')} shape {name('schedule')} step; add it,"
                               f" or drop them for {self.schedule}")
+        if self.finetune == "gradual":
+            self._check_gradual(name)
         if self.lr == "find":
             self._check_lr_find(name)
         if self.head_solver == "lbfgs":
@@ -152,6 +158,17 @@ class FitConfig:
         if self.snapshots and self.finetune == "lp-ft":
             raise ConfigError(f"{name('snapshots')} and {name('finetune')} lp-ft cannot be combined yet; the"
                               " probe phase and the cycles would share one schedule: pick one")
+
+    def _check_gradual(self, name: Callable[[str], str]) -> None:
+        """Gradual unfreezing's stages are the schedule: one cosine with a warmup per stage."""
+        clash = [name(k) for k in ("swa",) if getattr(self, k)] + ([name("snapshots")] if self.snapshots else [])
+        if self.schedule != "cosine":
+            clash.append(f"{name('schedule')} {self.schedule}")
+        if self.lr == "find":
+            clash.append(f"{name('lr')} find")
+        if clash:
+            raise ConfigError(f"{name('finetune')} gradual restarts a warmed-up cosine at every stage; drop"
+                              f" {', '.join(clash)}")
 
     def _check_lr_find(self, name: Callable[[str], str]) -> None:
         """The LR finder sweeps one process's optimizer steps over the strategy's training."""
@@ -168,7 +185,7 @@ class FitConfig:
     def _check_solved_head(self, name: Callable[[str], str]) -> None:
         """A solved head is fitted once on cached features of a frozen backbone."""
         solver = f"{name('head_solver')} lbfgs"
-        if self.finetune in ("partial", "full"):
+        if self.finetune in ("partial", "full", "gradual"):
             raise ConfigError(f"{solver} solves the head of a frozen backbone: it applies to {name('finetune')}"
                               f" freeze, lp-ft and auto, not {self.finetune}; drop it")
         if self.mixup or self.cutmix:
@@ -375,7 +392,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "data": _str(), "out": _str(optional=True),
     "backbone": _str(), "pretrained": _BOOL, "weights": _str(optional=True),
     "backbone_plugin": _str(optional=True), "image_size": _int(16, 2048, optional=True),
-    "finetune": _choice(FINETUNE_CHOICES), "trainable_groups": _int(1),
+    "finetune": _choice(FINETUNE_CHOICES), "trainable_groups": _int(1), "unfreeze_every": _int(1),
     "head_solver": _choice(HEAD_SOLVERS, optional=True),
     "layer_decay": _float(0, 1, low_open=True, optional=True),
     "lr": Constraint("float", 0, low_open=True, optional=True, words=("find",)), "optimizer": _choice(OPTIMIZERS),

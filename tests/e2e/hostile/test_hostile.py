@@ -61,12 +61,12 @@ FLAGS = {
     "epochs not a number": (["fit", "{data}", "--epochs", "ten"],
                             "argument --epochs: invalid int value: 'ten' (see `transferkit fit --help`)"),
     "negative learning rate": (["fit", "{data}", "--lr", "-1"],
-                               "--lr: -1.0 is out of range; expected a number > 0 (or null for the default)"),
+                               "--lr: -1.0 is out of range; expected a number > 0 or find (or null for the default)"),
     "learning rate nan": (["fit", "{data}", "--lr", "nan"],
-                          "--lr: nan is not a finite number; expected a number > 0 (or null for the default)"),
+                          "--lr: nan is not a finite number; expected a number > 0 or find (or null for the default)"),
     "unknown strategy": (["fit", "{data}", "--finetune", "sometimes"],
                          "argument --finetune: invalid choice: 'sometimes' (choose from 'auto', 'freeze', 'partial',"
-                         " 'full', 'lp-ft') (see `transferkit fit --help`)"),
+                         " 'full', 'lp-ft', 'gradual') (see `transferkit fit --help`)"),
     "val fraction above one": (["fit", "{data}", "--val-fraction", "1.5"],
                                "--val-fraction: 1.5 is out of range; expected a number in (0, 1)"),
     "negative workers": (["fit", "{data}", "--workers", "-1"],
@@ -148,10 +148,11 @@ CONFIGS = {
     "epochs a boolean": ("fit:\n  data: {data}\n  epochs: true\n",
                          "config {cfg} fit.epochs: True is a boolean; expected an integer >= 1"),
     "lr a mapping": ("fit:\n  data: {data}\n  lr: {{value: 1}}\n",
-                     "config {cfg} fit.lr: {{'value': 1}} is a mapping; expected a number > 0 (or null for the"
-                     " default)"),
+                     "config {cfg} fit.lr: {{'value': 1}} is a mapping; expected a number > 0 or find (or null for"
+                     " the default)"),
     "lr infinite": ("fit:\n  data: {data}\n  lr: .inf\n",
-                    "config {cfg} fit.lr: inf is not a finite number; expected a number > 0 (or null for the default)"),
+                    "config {cfg} fit.lr: inf is not a finite number; expected a number > 0 or find (or null for the"
+                    " default)"),
     "a key given twice": ("fit:\n  data: {data}\n  epochs: 2\n  epochs: 3\n",
                           "config file {cfg} gives 'epochs' (line 4) twice; keep one of them"),
     "not UTF-8": (b"\xff\xfe\x00garbage\x80", "config file {cfg} cannot be read ('utf-8' codec can't decode byte 0xff"

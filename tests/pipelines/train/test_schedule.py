@@ -91,3 +91,21 @@ def test_every_schedule_kind_equals_its_closed_form_at_chosen_steps(kind):
     for s in (20, 21, 45, 59, 60, 99, 119):
         assert head(s) == pytest.approx(closed(s)) and body(s) == head(s)
     assert head(total - 1) <= 1.0
+
+
+def test_gradual_stages_start_each_group_at_its_epoch_and_warm_up_again():
+    from transferkit.pipelines.train.schedule import Schedule
+
+    spe = 4
+    s = Schedule(epochs=5, warmup_epochs=0.5, unfreeze_every=1, groups=3)
+    head, top, bottom = (s.for_group(spe, d) for d in (0, 1, 3))
+    assert [s.join_epoch(d) for d in range(4)] == [0, 1, 2, 3]
+    assert [top(t) for t in range(4)] == [0.0] * 4 and top(4) > 0  # joins at epoch 1
+    assert all(bottom(t) == 0.0 for t in range(12)) and bottom(12) > 0
+    for start, length in ((0, 4), (4, 4), (8, 4), (12, 8)):  # stages; the last lasts to the end
+        assert head(start) == pytest.approx(1 / 2)  # warmup of half an epoch (2 steps) restarts
+        assert head(start + 1) == pytest.approx(1.0)
+        assert head(start + length - 1) < head(start + 1)  # then the cosine falls within the stage
+    assert top(4) == head(4) and bottom(19) == head(19)  # joined groups share the stage's shape
+    assert s.judged_epochs() == {4, 5}
+    assert Schedule(epochs=6).for_group(4, 2)(8) == Schedule(epochs=6).factors(4)[1](8)  # not gradual: as before

@@ -145,8 +145,26 @@ class ImageClassifier(pl.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:
-            set_frozen_eval(self.model)
+            set_frozen_eval(self.model, self._waiting())
         return self
+
+    def _waiting(self) -> set[str]:
+        """Gradual unfreezing: the parameter names of the groups that have not joined yet."""
+        if not self.schedule.unfreeze_every or self._trainer is None:
+            return set()
+        n, epoch = len(self.groups), self.current_epoch
+        return {name for i in range(n) if epoch < self.schedule.join_epoch(n - i) for name in self.groups.params[i]}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Groups that have not joined step at a rate of 0; dropping their gradients also keeps the
+        # optimizer's moments of them untouched until they join.
+        if self.schedule.unfreeze_every:
+            names = self._waiting()
+            waiting = {id(p) for name, p in self.model.named_parameters() if name in names}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) in waiting:
+                        p.grad = None
 
     # -- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -226,11 +244,11 @@ class ImageClassifier(pl.LightningModule):
         opt = create_optimizer_v2(groups, lr=p.lr, weight_decay=o.weight_decay, **o.timm_args())
         epochs = max(1, self.trainer.max_epochs or 1)
         per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
-        head, body = self.schedule.factors(per_epoch)
+        factors = [self.schedule.for_group(per_epoch, g["depth"]) for g in opt.param_groups]
         if self.phases.solve:
-            head = _after(self.phases.head_until * per_epoch, head)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [head if g["is_head"] else body
-                                                        for g in opt.param_groups])
+            factors = [_after(self.phases.head_until * per_epoch, f) if g["is_head"] else f
+                       for f, g in zip(factors, opt.param_groups)]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- self-describing checkpoints --------------------------------------------------------

@@ -290,7 +290,9 @@ def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels
         return lr if given else lr * OPTIMIZER_LR_FACTOR[cfg.optimizer]
 
     if cfg.finetune != "auto":
-        return make_plan(cfg.finetune, groups, cfg.trainable_groups, f"--finetune {cfg.finetune}",
+        reason = f"--finetune {cfg.finetune}" + (f": the head alone, then one more group from the top every"
+                                                  f" {cfg.unfreeze_every} epoch(s)" if cfg.finetune == "gradual" else "")
+        return make_plan(cfg.finetune, groups, cfg.trainable_groups, reason,
                          lr=rate(cfg.finetune), layer_decay=decay), None, []
     if cfg.from_scratch:
         return make_plan("full", groups, reason="random weights (--no-pretrained): nothing pretrained to keep -> full",
@@ -334,7 +336,9 @@ def make_schedule(cfg: FitConfig, plan: Plan, solve: bool = False) -> Schedule:
     probe = (1 if solve else cfg.epochs) if lp_ft else 0
     if solve and plan.strategy == "freeze":
         return Schedule(epochs=1, kind=cfg.schedule, warmup_epochs=0.0)
+    gradual = plan.strategy == "gradual"
     return Schedule(epochs=cfg.epochs + probe, kind=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+                    unfreeze_every=cfg.unfreeze_every if gradual else 0, groups=len(plan.labels) if gradual else 0,
                     step_epochs=cfg.step_epochs, step_gamma=cfg.step_gamma, cycles=cfg.snapshots, swa=cfg.swa and not cfg.snapshots, probe_epochs=probe,
                     probe_lr_scale=DEFAULT_LR["freeze"] / plan.lr if probe else 1.0)
 
@@ -468,6 +472,10 @@ def finetune_record(plan: Plan, module: ImageClassifier) -> dict:
     params = list(module.model.parameters())
     out = {**plan.to_dict(), "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
            "total_parameters": sum(p.numel() for p in params)}
+    if module.schedule.unfreeze_every:  # gradual: the epoch (1-based) from which each group trains
+        n = len(plan.labels)
+        out["joins_at_epoch"] = {"head": 1, **{plan.labels[i]: module.schedule.join_epoch(n - i) + 1
+                                               for i in reversed(range(n))}}
     if plan.advice is not None:
         out["suggested_lr"] = plan.advice.get("lr")
     return out

@@ -2,9 +2,11 @@
 
 One ``Schedule`` holds everything that shapes the rate: warmup, the kind (cosine, step, linear,
 inverse-sqrt, constant), snapshot cycles with warm restarts (``fit --snapshots``), the flat SWA phase
-(``fit --swa``) and lp-ft's linear-probe phase, which comes first and trains the head alone.
-``Schedule.factors(steps_per_epoch)`` gives the multiplier of the head's and the backbone's base
-rates at each optimizer step; the epochs at which snapshots, SWA and early stopping act are
+(``fit --swa``), lp-ft's linear-probe phase, which comes first and trains the head alone, and
+gradual unfreezing's stages (the head alone, then one more group from the top every
+``unfreeze_every`` epochs, the rate warming up again at each). ``Schedule.for_group(steps_per_epoch,
+depth)`` gives the multiplier of a parameter group's base rate at each optimizer step (depth 0:
+the head, 1: the top backbone group, ...); the epochs at which snapshots, SWA and early stopping act are
 derived from the same object, so the callbacks and the rate never disagree.
 """
 from __future__ import annotations
@@ -92,6 +94,12 @@ class Schedule:
     swa: bool = False                 # hold the rate flat over the SWA epochs (without cycles)
     probe_epochs: int = 0
     probe_lr_scale: float = 1.0
+    unfreeze_every: int = 0           # gradual: epochs per stage (0: not gradual)
+    groups: int = 0                   # gradual: backbone groups, joining one per stage from the top
+
+    def join_epoch(self, depth: int) -> int:
+        """The epoch (0-based) from which the group at `depth` trains (0 for all but gradual)."""
+        return depth * self.unfreeze_every
 
     @property
     def main_epochs(self) -> int:
@@ -113,7 +121,29 @@ class Schedule:
             return set(self.snapshot_epochs())
         if self.probe_epochs:
             return set(range(self.probe_epochs + 1, self.epochs + 1))
+        if self.unfreeze_every:  # once every group trains (or at the last epoch, if they never all do)
+            return set(range(min(self.join_epoch(self.groups) + 1, self.epochs), self.epochs + 1))
         return None
+
+    def for_group(self, steps_per_epoch: int, depth: int) -> Callable[[int], float]:
+        """The multiplier of the base rate of the parameter group at `depth` (0: the head)."""
+        if not self.unfreeze_every:
+            return self.factors(steps_per_epoch)[0 if depth == 0 else 1]
+        spe = max(1, steps_per_epoch)
+        total = self.epochs * spe
+        starts = [k * self.unfreeze_every * spe for k in range(self.groups + 1)]
+        starts = [b for b in starts if b < total] or [0]
+        ends = starts[1:] + [total]
+        join = self.join_epoch(depth) * spe
+
+        def factor(step: int) -> float:
+            if step < join:
+                return 0.0
+            stage = max(i for i, b in enumerate(starts) if b <= step)
+            length = ends[stage] - starts[stage]
+            warmup = min(int(round(self.warmup_epochs * spe)), length // 2)
+            return warmup_cosine(step - starts[stage], length, warmup, self.min_lr_ratio)
+        return factor
 
     def factors(self, steps_per_epoch: int) -> tuple[Callable[[int], float], Callable[[int], float]]:
         """(head, backbone) multipliers of the base rates at optimizer step ``step`` (0-based)."""
