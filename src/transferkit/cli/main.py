@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from transferkit.cli import advise, augment, evaluate, export, fit
+from transferkit.cli import advise, augment, evaluate, export, fit, search
 from transferkit.cli.common import Formatter
 from transferkit.errors import UserError
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fit.add_fit(sub)
     fit.add_lr_find(sub)
+    search.add_search(sub)
     evaluate.add_evaluate(sub)
     evaluate.add_predict(sub)
     export.add_export(sub)

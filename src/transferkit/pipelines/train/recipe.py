@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,11 +118,13 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------- the recipe
 
 
-def fit(cfg: FitConfig, *, progress: bool = True, find_only: bool = False) -> dict | None:
+def fit(cfg: FitConfig, *, progress: bool = True, find_only: bool = False,
+        callbacks: Sequence[pl.Callback] = ()) -> dict | None:
     """Train and write the run directory ``cfg.out`` (default ``runs/<backbone>-<time>``); the
     report on rank 0, None on other ranks. Several backbones (``"a,b,c"``): ``advise.fit_best``.
     `find_only` (``transferkit lr-find``, with ``cfg.lr == "find"``): stop after the LR finder
-    has written its plot and suggestion; the finding is returned."""
+    has written its plot and suggestion; the finding is returned. `callbacks`: more Lightning
+    callbacks for the Trainer (``transferkit search`` reports each epoch to Optuna with one)."""
     if "," in cfg.backbone:
         raise ConfigError(f"--backbone {cfg.backbone} names several backbones: fit them through"
                           " `advise.fit_best` (what `transferkit fit` and `transferkit.fit` do), which fits the best")
@@ -129,7 +132,7 @@ def fit(cfg: FitConfig, *, progress: bool = True, find_only: bool = False) -> di
         cfg = cfg.replace(out=default_out(cfg.backbone))
     if find_only and cfg.lr != "find":
         raise ConfigError("lr-find sweeps the rate itself; drop --lr")
-    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress, find_only=find_only)
+    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress, find_only=find_only, callbacks=callbacks)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
@@ -157,15 +160,15 @@ def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
 
 
 def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
-            ckpt: Path | None = None, find_only: bool = False) -> dict | None:
+            ckpt: Path | None = None, find_only: bool = False, callbacks: Sequence[pl.Callback] = ()) -> dict | None:
     try:
-        return _steps(cfg, run, saved=saved, progress=progress, ckpt=ckpt, find_only=find_only)
+        return _steps(cfg, run, saved=saved, progress=progress, ckpt=ckpt, find_only=find_only, callbacks=callbacks)
     finally:
         run.release()
 
 
 def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool, ckpt: Path | None,
-           find_only: bool = False) -> dict | None:
+           find_only: bool = False, callbacks: Sequence[pl.Callback] = ()) -> dict | None:
     t0 = time.monotonic()
     rank0 = launched_as_rank_zero()
     check_devices(cfg)
@@ -219,6 +222,7 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
                                             stage="SWA batch-norm statistics", failures=failures),
                                batch_size=cfg.batch_size, num_workers=data.num_workers),
                            progress=progress)
+    trainer.callbacks.extend(callbacks)
     train(trainer, module, data, run, ckpt_path=ckpt)
     if not trainer.is_global_zero:
         return None
