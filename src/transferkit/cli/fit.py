@@ -256,5 +256,5 @@ def _cmd_demo(args) -> int:
     print(f"  fine-tuned from pretrained weights ({ft['finetune']['strategy']}): val accuracy {ft['accuracy']:.3f}")
     print(f"  same run from random weights (full):          val accuracy {sc['accuracy']:.3f}")
     print(f"  runs: {', '.join(res['runs'].values())}")
-    print(f"  report: {res['runs']['finetune']}/report.json   predictions: {res['predictions']}")
+    print(f"  report: {res['runs']['finetune']}/report.html (open it in a browser)   predictions: {res['predictions']}")
     return 0
