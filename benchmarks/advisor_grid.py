@@ -38,7 +38,7 @@ from freeze_head import SHARED, breastmnist_folder, subsample  # noqa: E402
 
 BACKBONE = "mobilenetv1_025"
 PLUGIN = SHARED / "weights" / f"{BACKBONE}.py"
-STRATEGIES = ("freeze", "partial", "full", "lp-ft")
+STRATEGIES = ("freeze", "partial", "full", "lp-ft", "gradual")
 DATASETS = ("hymenoptera", "breastmnist", "cub_birds40", "rsscn7")
 GOOD = 0.01  # within 1 point of the best
 
