@@ -6,10 +6,10 @@
 Every image dataset in ../shared/data (hymenoptera, breastmnist, cub_birds40, rsscn7), with the
 real MobileNetV1 x0.25. A cell is (dataset, images per class, seed): the training split is a
 stratified subsample drawn with that seed (a size at or above the largest class is "all", and a
-size that gives the same split as a larger one is left out), and freeze, partial, full and lp-ft
-train on it with the same epochs, seed and defaults, scored by val accuracy of their best
-checkpoint (BreastMNIST: its val and test splits together, 234 images, so one image is not half a
-point). The advisor measures the cell's training images once; its measurements are kept, so its
+size that gives the same split as a larger one is left out), and freeze, partial, full, lp-ft and
+gradual (--unfreeze-every 1) train on it with the same epochs, seed and defaults, scored by val
+accuracy of their best checkpoint (BreastMNIST: its val and test splits together, 234 images, so
+one image is not half a point). The advisor measures the cell's training images once; its measurements are kept, so its
 decision can be re-made offline for any thresholds.
 
 Then rules are chosen from families of candidates by leave-one-dataset-out: for each dataset, the
