@@ -23,9 +23,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -179,7 +177,3 @@ class ExportedModel:
 
     def merged(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self._run(x.contiguous().float())]
-
-    def predict_proba(self, images: Any) -> np.ndarray:
-        """Probabilities (N, K) of PIL images or HWC uint8 arrays."""
-        return self.merged(torch.stack([self.transform(im) for im in images]))[0].numpy()

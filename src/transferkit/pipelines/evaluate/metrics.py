@@ -31,7 +31,11 @@ def confidence_bins(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> di
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE with equal-width confidence bins (Guo et al. 2017); no library offers it for numpy."""
-    b = reliability_bins(probs, labels, bins)
+    return ece_of(reliability_bins(probs, labels, bins))
+
+
+def ece_of(b: dict[str, np.ndarray]) -> float:
+    """ECE of bins from ``reliability_bins`` or ``confidence_bins``: the count-weighted gap."""
     used = b["count"] > 0
     if not used.any():
         return 0.0

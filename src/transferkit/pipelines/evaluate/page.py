@@ -21,7 +21,7 @@ import numpy as np
 
 from transferkit.pipelines.data.images import DECODE_ERRORS, describe_error, load_thumbnail
 from transferkit.pipelines.data.splits import CSV_TEXT, read_skipped_csv
-from transferkit.pipelines.evaluate.metrics import confidence_bins
+from transferkit.pipelines.evaluate.metrics import confidence_bins, ece_of
 from transferkit.pipelines.evaluate.per_image import MOST_CONFUSED, TOP_LOSSES, most_confused, read_per_image, top_losses
 from transferkit.pipelines.rundir import RunDir, atomic_write
 
@@ -260,8 +260,7 @@ class _Page:
         conf = np.array([r["probability"] for r in self.rows])
         correct = np.array([r["correct"] for r in self.rows])
         b = confidence_bins(conf, correct)
-        used = b["count"] > 0
-        ece = float(np.sum(b["count"][used] / b["count"].sum() * np.abs(b["accuracy"][used] - b["confidence"][used])))
+        ece = ece_of(b)
         w, h, pad = 320, 320, 36
         sx = lambda v: pad + v * (w - 2 * pad)  # noqa: E731
         sy = lambda v: h - pad - v * (h - 2 * pad)  # noqa: E731
