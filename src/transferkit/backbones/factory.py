@@ -40,6 +40,9 @@ class DataConfig:
     std: tuple[float, ...]
     interpolation: str
     crop_pct: float
+    # Files decode to this shorter side first (a run trained from its decode cache; see
+    # pipelines/data/decoded.py), so evaluation sees the pixels training saw. None: full size.
+    decode_short_side: int | None = None
 
     @property
     def size(self) -> int:

@@ -129,6 +129,10 @@ def _fit_options(p) -> None:
                    help="freeze and lp-ft's probe: frozen features are computed once for K views per"
                         " image, the clean eval view plus K-1 augmented draws; 0 runs the frozen backbone"
                         " every epoch (default 1)")
+    g.add_argument("--decode-cache", choices=("auto", "off", "memory", "disk"),
+                   help="keep each image decoded (shorter side 1.15x the input size, uint8) after its first"
+                        " read, in memory or memory-mapped under RUN_DIR/cache; later epochs crop from it."
+                        " auto: on when the backbone trains, in memory when it fits (default auto)")
     g = p.add_argument_group("weight averaging and snapshot ensembles (see `transferkit evaluate --ensemble`)")
     g.add_argument("--ema", action="store_true",
                    help="keep an exponential moving average of the weights; validated as val_acc_ema")
@@ -144,6 +148,13 @@ def _fit_options(p) -> None:
     g.add_argument("--devices", help=f"number of devices or 'auto' (default {d.devices})")
     g.add_argument("--num-nodes", type=int, help=f"machines (default {d.num_nodes})")
     g.add_argument("--precision", help=f"32-true, 16-mixed, bf16-mixed ... (default {d.precision})")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="several processes: BatchNorm layers that train use batch statistics of all of them"
+                        " (SyncBatchNorm); frozen ones stay frozen")
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for the network and batches (faster convolutions on GPUs)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the network; where compiling fails the run says so and trains eagerly")
     g = p.add_argument_group("experiment tracking (beside RUN_DIR/metrics.csv; pip install 'transferkit[track]')")
     g.add_argument("--logger", help="Lightning loggers, comma-separated: csv (RUN_DIR/logs/csv), tensorboard"
                                     " (RUN_DIR/logs/tensorboard), mlflow (a file store in RUN_DIR/mlruns)")
@@ -188,8 +199,9 @@ def _cmd_fit(args) -> int:
             raise UserError(f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--config'}")
         quiet_lightning(args.verbose)
         from transferkit.pipelines.train.recipe import resume
+        from transferkit.pipelines.train.timings import process_started
 
-        report = resume(args.resume, progress=progress())
+        report = resume(args.resume, progress=progress(), started=process_started())
         out = args.resume
     else:
         cfg = _fit_config(args)
@@ -199,8 +211,10 @@ def _cmd_fit(args) -> int:
         quiet_lightning(args.verbose)
         from transferkit.pipelines.advise import fit_best
         from transferkit.pipelines.train.recipe import fit
+        from transferkit.pipelines.train.timings import process_started
 
-        report = (fit_best if "," in cfg.backbone else fit)(cfg, progress=progress())
+        report = (fit_best(cfg, progress=progress()) if "," in cfg.backbone
+                  else fit(cfg, progress=progress(), started=process_started()))
         out = cfg.out
     if report is None:
         return 0
@@ -208,6 +222,10 @@ def _cmd_fit(args) -> int:
     print(f"fine-tuning: {ft['strategy']} ({ft['reason']})")
     print(f"val accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}"
           f"  after {report['epochs_trained']} epochs, {report['train_seconds']:.0f} s")
+    if report.get("timings"):
+        from transferkit.pipelines.train.timings import describe
+
+        print(describe(report["timings"]))
     print(f"run directory: {out}   (open {Path(out) / 'report.html'} in a browser)")
     return 0
 

@@ -34,6 +34,7 @@ SAMPLERS = ("shuffle", "balanced")
 AUGMENT_PRESETS = ("none", "light", "default", "heavy")
 MIX_MODES = ("batch", "pair", "elem")
 LOGGERS = ("csv", "tensorboard", "mlflow")
+DECODE_CACHES = ("auto", "off", "memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class FitConfig:
     mixup_off_epoch: int = 0          # mixing stops from this epoch (0-based) on; 0: never
     # frozen-backbone feature cache (freeze and the probe phase of lp-ft)
     cache_views: int = 1              # augmented views per training image; 0 turns the cache off
+    # decoded pictures kept after the first epoch (pipelines/data/decoded.py); auto: when the backbone trains
+    decode_cache: str = "auto"
     # weight averaging and snapshot ensembles
     ema: bool = False
     ema_decay: float = 0.999
@@ -100,6 +103,9 @@ class FitConfig:
     devices: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
+    sync_bn: bool = False             # BatchNorm layers that train become SyncBatchNorm under DDP
+    channels_last: bool = False       # NHWC memory format (faster convolutions on recent GPUs)
+    compile: bool = False             # torch.compile the network; eager where compiling fails
     # experiment tracking beside metrics.csv: Lightning's loggers, comma-separated; mlflow's store
     logger: str | None = None
     mlflow_uri: str | None = None     # None: a file store in RUN/mlruns
@@ -407,10 +413,11 @@ CONSTRAINTS: dict[str, Constraint] = {
     "strict": _BOOL, "augment": _choice(AUGMENT_PRESETS), "aug": Constraint("strings"),
     "mixup": _float(0), "cutmix": _float(0), "mixup_prob": _float(0, 1), "mixup_switch_prob": _float(0, 1),
     "mixup_mode": _choice(MIX_MODES), "mixup_off_epoch": _int(0),
-    "cache_views": _int(0),
+    "cache_views": _int(0), "decode_cache": _choice(DECODE_CACHES),
     "ema": _BOOL, "ema_decay": _float(0, 1, low_open=True, high_open=True), "swa": _BOOL, "snapshots": _int(0),
     "calibrate": _choice(CALIBRATIONS, optional=True),
     "accelerator": _str(), "devices": _str(), "num_nodes": _int(1), "precision": _str(),
+    "sync_bn": _BOOL, "channels_last": _BOOL, "compile": _BOOL,
     "logger": Constraint("str", choices=LOGGERS, optional=True, several=True), "mlflow_uri": _str(optional=True),
     "overwrite": _BOOL,
 }

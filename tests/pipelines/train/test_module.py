@@ -75,3 +75,41 @@ def test_class_weights_weigh_the_training_loss():
     weighted = torch.nn.functional.cross_entropy(logits, y, weight=module._class_weight(logits), label_smoothing=0.1)
     assert not torch.allclose(plain, weighted)
     assert module._class_weight(logits).tolist() == [0.5, 2.0, 2.0]
+
+
+def test_sync_bn_converts_the_batchnorm_layers_that_train_and_leaves_frozen_ones_and_the_keys_alone():
+    from transferkit.pipelines.train.module import sync_trained_batchnorm
+
+    module = _module(Phases(), "partial")
+    model = module.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    before, keys = model(x), list(model.state_dict())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    converted = sync_trained_batchnorm(model, trained)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    trains = {name for name in kinds if any(f"{name}.{k}" in trained for k in ("weight", "bias"))}
+    assert converted == len(trains) > 0 and len(kinds) > len(trains)  # partial: some train, some stay frozen
+    assert all(kinds[n] is torch.nn.SyncBatchNorm for n in trains)
+    assert all(kinds[n] is torch.nn.BatchNorm2d for n in set(kinds) - trains)
+    assert list(model.state_dict()) == keys and torch.allclose(model(x), before)  # same math in eval mode
+
+
+def test_compile_that_fails_falls_back_to_the_eager_network_with_a_warning(monkeypatch, caplog):
+    from transferkit.pipelines.train.module import Speed
+
+    def broken(model):
+        def run(x):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    module = _module(Phases(), "full")
+    module.speed = Speed(compile=True, channels_last=True)
+    module._trainer = SimpleNamespace(current_epoch=0, world_size=1)
+    module.setup("fit")
+    assert "_compiled" not in dict(module.named_modules()) and all("_orig_mod" not in k for k in module.state_dict())
+    with caplog.at_level("WARNING"):
+        out = module(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3) and module._compiled is None
+    assert "--compile: torch.compile failed (RuntimeError: no C++ compiler found); training eagerly" in caplog.text
+    assert module.model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -26,7 +26,8 @@ def test_auto_measures_decides_caches_and_reports(color_folder, weights, tmp_pat
     monkeypatch.setattr(recipe, "extract", record)
     out = tmp_path / "run"
     assert main(["fit", str(color_folder), "--weights", str(weights), "--out", str(out), *FAST]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     report = json.loads((out / "report.json").read_text())
     ft = report["finetune"]
     # 16 per class: small -> freeze, on cached features
@@ -39,6 +40,34 @@ def test_auto_measures_decides_caches_and_reports(color_folder, weights, tmp_pat
     saved = yaml.safe_load((out / "config.yaml").read_text())["resolved"]["finetune"]
     assert saved["strategy"] == "freeze" and saved["advice"] == ft["advice"]
     assert report["accuracy"] >= 0.9
+    # where the time went, in report.json and in the one line printed at the end
+    t = report["timings"]
+    phases = ("setup", "scan", "advisor", "features", "training", "validation", "final_evaluation", "report")
+    assert all(t[k] >= 0 for k in phases) and t["scan"] > 0 and t["advisor"] > 0 and t["features"] > 0
+    assert sum(t[k] for k in phases) <= t["total"] + 0.5 and t["train_images_per_second"] > 0
+    assert f"time {t['total']:.1f} s: setup" in captured.out and "training" in captured.out
+    # a frozen backbone reads features, not images: --decode-cache auto leaves decoding alone
+    assert report["decode_cache"] == {"asked": "off", "short_side": None, "kept": None}
+    assert report["data_config"]["decode_short_side"] is None
+
+
+def test_a_partial_fine_tune_decodes_once_and_evaluate_sees_the_same_pixels(color_folder, weights, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--backbone", "test_resnet", "--image-size", "32", "--workers", "2", "--batch-size", "16",
+            "--epochs", "3", "--patience", "0", "--finetune", "partial"]
+    assert main(["fit", str(color_folder), "--weights", str(weights), "--out", str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    # 40 px pictures kept at a shorter side of 37 (1.15 x 32), in memory, every train and val image
+    assert report["decode_cache"] == {"asked": "auto", "short_side": 37, "kept": "memory", "train_pictures": 48,
+                                      "train_megabytes": 0.2, "val_pictures": 12, "val_megabytes": 0.0}
+    assert f"time {report['timings']['total']:.1f} s: setup" in printed
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)
+    assert ckpt["transferkit"]["data_config"]["decode_short_side"] == 37
+    assert main(["evaluate", str(out), "--split", "val"]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    plain = next(r for r in evaluation["results"] if r["tta"] == "plain" and r["ensemble"] == "none")
+    assert plain["accuracy"] == report["accuracy"] and plain["nll"] == pytest.approx(report["metrics"]["nll"], abs=1e-5)
 
 
 def test_a_plan_saved_for_other_groups_is_refused_by_name():

@@ -6,9 +6,15 @@ images. Which epoch reads what is the ``reads_features`` rule the module follows
 is built the first time an epoch asks for it, so a run resumed past the probe phase never builds
 it. Samplers shard by rank themselves (Lightning's distributed sampler is off): an epoch means
 one view of each image on every launch, and the order is a function of (seed, epoch) alone.
+
+Image epochs decode through the run's ``DecodeRule`` and, with the decode cache on, keep each
+picture after its first read (``decoded.py``): the cache is made before the first image epoch's
+workers start, in memory or in ``RUN/cache/rank<r>/``, so every later epoch's workers share it.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.pipelines.data.datasets import EpochSampler, ImageDataset, Sample, ShardSampler, drop_tiny_last
+from transferkit.pipelines.data.decoded import DecodeCache, DecodeRule, where_to_keep
 from transferkit.pipelines.data.failures import FailureLog
 from transferkit.pipelines.data.features import FeatureDataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,46 @@ class FitDataModule(pl.LightningDataModule):
         self._build_cache = build_cache
         self._cache: FeatureCache | None = None
         self.run_path = run_path  # where a large cache is memory-mapped (RUN/cache/rank<r>/)
+        self.decode_cache, self._kept = "off", None
+
+    def set_decoding(self, rule: DecodeRule, cache: str = "off") -> None:
+        """Files decode through `rule`; `cache` (``auto``, ``memory``, ``disk`` or ``off``) keeps
+        the decoded pictures, where the rule resizes (a full-size rule is never cached)."""
+        for ds in (self.train_ds, self.val_ds):
+            ds.rule, ds.cache = (rule if rule.short_side is not None else None), None
+        self.decode_cache = cache if rule.short_side is not None else "off"
+        self._kept = None
+
+    def decode_record(self) -> dict:
+        """What report.json says about decoding: the rule, and where pictures were kept."""
+        rule = self.train_ds.rule
+        out = {"asked": self.decode_cache, "short_side": rule.short_side if rule else None, "kept": self._kept}
+        for name, ds in (("train", self.train_ds), ("val", self.val_ds)):
+            if ds.cache is not None:
+                out[f"{name}_pictures"] = ds.cache.filled()
+                out[f"{name}_megabytes"] = round(ds.cache.nbytes / 1e6, 1)
+        return out
+
+    def _keep_decoded(self) -> None:
+        """Make the decode caches of train and val, once, before an image epoch's workers start."""
+        if self.decode_cache == "off" or self._kept is not None:
+            return
+        t = time.monotonic()
+        rank = self.trainer.global_rank if getattr(self, "trainer", None) is not None else 0
+        folder = Path(self.run_path or ".") / "cache" / f"rank{rank}"
+        rule = self.train_ds.rule
+        shapes = {name: DecodeCache.measure([s.path for s in ds.samples], rule)
+                  for name, ds in (("train", self.train_ds), ("val", self.val_ds))}
+        nbytes = sum(h * w * 3 for v in shapes.values() for s in v if s for h, w in [s])
+        self._kept = where_to_keep(self.decode_cache, nbytes, folder, self.num_workers)
+        if self._kept == "off":
+            return
+        for name, ds in (("train", self.train_ds), ("val", self.val_ds)):
+            ds.cache = DecodeCache([s.path for s in ds.samples], rule, shapes[name],
+                                   file=folder / f"decoded-{name}.u8" if self._kept == "disk" else None)
+        log.info("decode cache: %d pictures at shorter side %d, %.0f MB %s (headers read in %.1f s)",
+                 len(self.train_ds) + len(self.val_ds), rule.short_side, nbytes / 1e6,
+                 "in memory" if self._kept == "memory" else f"in {folder}", time.monotonic() - t)
 
     @property
     def cache(self) -> FeatureCache | None:
@@ -92,6 +141,7 @@ class FitDataModule(pl.LightningDataModule):
             sampler = EpochSampler(ds.n, self.seed, g, epoch, rank=rank, world=world, views=ds.views, labels=labels)
             workers = 0  # rows of a tensor: a worker process only adds its start-up
         else:
+            self._keep_decoded()
             ds = self.train_ds
             labels = [sample.label for sample in self.train_samples] if self.balanced else None
             sampler = EpochSampler(len(ds), self.seed, g, epoch, rank=rank, world=world, labels=labels)
@@ -105,4 +155,5 @@ class FitDataModule(pl.LightningDataModule):
             ds = FeatureDataset(cache.val, [s.label for s in self.val_samples], cache.val_rows)
             return self._loader(ds, ShardSampler(len(ds), rank, world), batch_size=max(self.batch_size, 256),
                                 workers=0)
+        self._keep_decoded()
         return self._loader(self.val_ds, ShardSampler(len(self.val_ds), rank, world))

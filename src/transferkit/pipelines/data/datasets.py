@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from transferkit.errors import DataError
+from transferkit.pipelines.data.decoded import DecodeCache, DecodeRule
 from transferkit.pipelines.data.failures import FailureLog
 from transferkit.pipelines.data.images import DECODE_ERRORS, describe_error, load_rgb
 
@@ -27,22 +28,31 @@ class ImageDataset(Dataset):
     evaluation, ``evaluate``) leaves the broken file out instead of scoring a stand-in. The file
     is reported to `failures` under `stage` (see ``failures.py``; with ``strict`` that stops the
     run). Without ``replace_failed`` the failure is a DataError naming the file.
+
+    Files decode through ``rule`` (None: full size), or through ``cache`` once it is set: a
+    ``DecodeCache`` of these samples, in their order, which keeps each picture after its first read.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable | None = None, *,
-                 replace_failed: bool = False, stage: str = "training", failures: FailureLog | None = None):
+                 replace_failed: bool = False, stage: str = "training", failures: FailureLog | None = None,
+                 rule: DecodeRule | None = None):
         self.samples = list(samples)
         self.transform = transform
         self.replace_failed = replace_failed
         self.stage = stage
         self.failures = failures if failures is not None else FailureLog()
+        self.rule = rule if rule is not None and rule.short_side is not None else None
+        self.cache: DecodeCache | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _load(self, i: int):
         s = self.samples[i]
-        img = load_rgb(s.path)
+        if self.cache is not None:
+            img = self.cache.get(i, s.path)
+        else:
+            img = self.rule.load(s.path) if self.rule is not None else load_rgb(s.path)
         return (self.transform(img) if self.transform else img), s.label
 
     def __getitem__(self, index: int):

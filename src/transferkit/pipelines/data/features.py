@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.pipelines.data.decoded import DecodeRule
 from transferkit.pipelines.data.datasets import ImageDataset, Sample, epoch_seed
 from transferkit.pipelines.data.failures import FailureLog
 
@@ -59,7 +60,8 @@ def _storage(shape: tuple[int, ...], path: Path | None) -> torch.Tensor:
 def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: int = 1, augment=None,
             first_view: torch.Tensor | None = None, seed: int = 0, batch_size: int = 64, workers: int = 0,
             device: str | torch.device = "cpu", cache_file: Path | None = None, progress: bool = True,
-            desc: str = "features", failures: FailureLog | None = None) -> torch.Tensor:
+            desc: str = "features", failures: FailureLog | None = None,
+            rule: DecodeRule | None = None) -> torch.Tensor:
     """Features ``(views, n, d)`` of the frozen `model` over `samples`.
 
     View 0 goes through `transform` (or is `first_view`, features computed already); views
@@ -79,7 +81,7 @@ def extract(model: nn.Module, samples: Sequence[Sample], transform, *, views: in
     try:
         for k in range(1 if first_view is not None else 0, views):
             ds = ImageDataset(samples, transform if k == 0 else (augment or transform), replace_failed=True,
-                              stage="feature cache", failures=failures)
+                              stage="feature cache", failures=failures, rule=rule)
             torch.manual_seed(epoch_seed(seed, 10_000 + k) % 2**63)
             g = torch.Generator().manual_seed(epoch_seed(seed, 20_000 + k))
             loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, generator=g)

@@ -127,7 +127,7 @@ def _predict(predictor: Predictor, samples: list[Sample], split: str, batch_size
     with tempfile.TemporaryDirectory(prefix="transferkit-evaluate-") as tmp:
         failures = FailureLog(tmp)
         loader = DataLoader(ImageDataset(samples, predictor.transform, replace_failed=True, stage=f"evaluate {split}",
-                                         failures=failures),
+                                         failures=failures, rule=predictor.rule),
                             batch_size=predictor.images_per_batch(batch_size), num_workers=workers)
         probs, labels, index = predictor.predict(loader, desc=f"evaluating {split}", progress=progress)
         lost = failures.entries()

@@ -29,6 +29,7 @@ from torch import nn
 
 from transferkit.augment.tta import TTA, merge_probs, tta_prepare
 from transferkit.errors import ConfigError, MissingExtra, RunDirError
+from transferkit.pipelines.data.decoded import DecodeRule
 from transferkit.pipelines.evaluate.predictor import Predictor
 from transferkit.pipelines.rundir import RunDir, atomic_write
 
@@ -92,11 +93,14 @@ def export_run(run_dir: str | Path, format: str = "onnx", checkpoint: str = "bes
             "checkpoint": checkpoint, "backbone": run.read_config()["fit"].get("backbone"),
             "tta": predictor.combinations[0].tta, "merge": merge, "views": predictor.tta.num_views,
             "input": {"name": "images", "shape": ["batch", 3, *region], "dtype": "float32",
-                      "prepare": "resize the shorter side (OpenCV, interpolation) to floor(size / crop_pct), keep the"
-                                 " centred region, scale to 0..1, subtract mean, divide by std; RGB, NCHW"},
+                      "prepare": (f"decode to a shorter side of at most {dc.decode_short_side} (PIL: JPEG draft"
+                                  " mode, then bilinear), " if dc.decode_short_side else "")
+                      + "resize the shorter side (OpenCV, interpolation) to floor(size / crop_pct), keep the"
+                        " centred region, scale to 0..1, subtract mean, divide by std; RGB, NCHW"},
             "output": {"name": "probabilities", "shape": ["batch", len(classes)]},
             "preprocess": {"input_size": list(dc.input_size), "region": list(region), "mean": list(dc.mean),
-                           "std": list(dc.std), "crop_pct": dc.crop_pct, "interpolation": dc.interpolation}}
+                           "std": list(dc.std), "crop_pct": dc.crop_pct, "interpolation": dc.interpolation,
+                           "decode_short_side": dc.decode_short_side}}
     with atomic_write(out / META, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     log.info("exported %s (%s, tta %s) to %s", checkpoint, format, meta["tta"], out)
@@ -149,6 +153,7 @@ class ExportedModel:
         self.classes = list(self.meta["classes"])
         self.transform = tta_prepare(tuple(p["input_size"][1:]), p["mean"], p["std"], p["crop_pct"],
                                      p["interpolation"])
+        self.rule = DecodeRule(p.get("decode_short_side"))
         self.combinations = [self.meta["tta"]]
         self._run = self._load(self.folder / self.meta["file"], fmt)
 

@@ -8,6 +8,7 @@ checkpoint's weights are loaded into it through ``safe_load``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Blueprint:
     classes: tuple[str, ...]
     plugin: str | None = None
     image_size: int | None = None
+    decode_short_side: int | None = None  # the decode rule training used (None: full size)
 
     @classmethod
     def of_checkpoint(cls, ckpt: dict, path: Path, plugin: str | None = None) -> "Blueprint":
@@ -45,18 +47,21 @@ class Blueprint:
         if name.startswith(("hf-hub:", "local-dir:")) and meta.get("architecture"):
             name = meta["architecture"]  # the weights are in the checkpoint; the hub or folder is not needed
         return cls(name, int(meta["num_classes"]), tuple(meta["classes"]), plugin or meta.get("backbone_plugin"),
-                   meta.get("image_size"))
+                   meta.get("image_size"), (meta.get("data_config") or {}).get("decode_short_side"))
 
     @classmethod
     def of_run(cls, run: RunDir) -> "Blueprint":
         cfg = run_config(run)
         classes = tuple(run.classes())
-        return cls(cfg.backbone, len(classes), classes, cfg.backbone_plugin, cfg.image_size)
+        resolved = run.read_config().get("resolved", {}).get("data_config") or {}
+        return cls(cfg.backbone, len(classes), classes, cfg.backbone_plugin, cfg.image_size,
+                   resolved.get("decode_short_side"))
 
     def build(self) -> tuple[nn.Module, DataConfig]:
         """The architecture with random weights and its data config."""
-        return factory.create(self.backbone, self.num_classes, pretrained=False, plugin=self.plugin,
-                              image_size=self.image_size, quiet=True)
+        model, dc = factory.create(self.backbone, self.num_classes, pretrained=False, plugin=self.plugin,
+                                   image_size=self.image_size, quiet=True)
+        return model, dataclasses.replace(dc, decode_short_side=self.decode_short_side)
 
 
 def load_weights(model: nn.Module, state_dict: dict, source: str | Path = "the checkpoint") -> nn.Module:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from transferkit.augment.tta import TTA, View, merge_probs, parse_views, tta_prepare
 from transferkit.backbones.factory import DataConfig
+from transferkit.pipelines.data.decoded import DecodeRule
 from transferkit.errors import ConfigError
 from transferkit.pipelines.data.features import head_matches, pre_logits
 from transferkit.pipelines.devices import choose_device
@@ -126,6 +127,7 @@ class Predictor:
                              for e in self.ensembles for spec in self.specs]
         self.transform = tta_prepare(tuple(data_cfg.input_size[1:]), data_cfg.mean, data_cfg.std, data_cfg.crop_pct,
                                      data_cfg.interpolation)
+        self.rule = DecodeRule(data_cfg.decode_short_side)  # files decode as in training
         # Members of a frozen run differ only in the classifier: one backbone pass serves them all
         # (confirmed on the first batch, as fit's feature cache does).
         self.shared_backbone: bool | None = None if _same_but_classifier(self.models) else False

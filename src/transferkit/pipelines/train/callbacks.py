@@ -52,7 +52,7 @@ class MetricsCSV(pl.Callback):
 
     def _reset(self) -> None:
         self._t0 = time.monotonic()
-        self._sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+        self._sums: torch.Tensor | None = None  # loss * n, correct, n; on the batches' device
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # current_epoch is restored by now: drop rows of epochs the checkpoint does not hold.
@@ -66,14 +66,16 @@ class MetricsCSV(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if isinstance(outputs, dict) and "count" in outputs:
-            n = float(outputs["count"])
-            self._sums += torch.tensor([float(outputs["loss"]) * n, float(outputs["correct"]), n],
-                                       dtype=torch.float64)
+            # summed where the batch is: reading a GPU value every step would wait for the GPU
+            loss = outputs["loss"].detach().double()
+            step = torch.stack([loss * outputs["count"], outputs["correct"].double(), torch.ones_like(loss)
+                                * outputs["count"]])
+            self._sums = step if self._sums is None else self._sums + step
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        sums = self._sums.to(pl_module.device, torch.float32)
+        sums = (self._sums if self._sums is not None else torch.zeros(3)).to(pl_module.device, torch.float32)
         if trainer.world_size > 1:
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
         if not trainer.is_global_zero:

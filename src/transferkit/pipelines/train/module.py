@@ -7,6 +7,7 @@ epochs read cached features of the frozen backbone instead of images). Cross-cut
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -25,6 +26,8 @@ from transferkit.pipelines.train.schedule import Schedule
 
 if TYPE_CHECKING:
     from transferkit.backbones.probe import ProbeFit
+
+log = logging.getLogger(__name__)
 
 # Where a checkpoint keeps how its head was solved (l2, folds, accuracy), for the report.
 SOLVED_KEY = "solved_head"
@@ -91,19 +94,46 @@ def _after(first: int, factor: Callable[[int], float]) -> Callable[[int], float]
     return lambda step: 0.0 if step < first else factor(step)
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How the network runs, not what it learns: ``--sync-bn``, ``--channels-last``, ``--compile``."""
+
+    sync_bn: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+def sync_trained_batchnorm(model: nn.Module, trained: set[str]) -> int:
+    """Replace each BatchNorm layer with a parameter in `trained` by a SyncBatchNorm holding the
+    same parameters and statistics (state_dict keys unchanged); frozen ones stay as they are.
+    Returns how many were converted."""
+    ids = {id(p) for name, p in model.named_parameters() if name in trained}
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm)
+                    and any(id(p) in ids for p in child.parameters())):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                count += 1
+    return count
+
+
 class ImageClassifier(pl.LightningModule):
     """A timm model trained under a fine-tuning plan.
 
     `mixer`, when given, takes (images, labels) and returns (mixed images, soft targets); the
     loss is then a soft-target cross-entropy. `meta` is the self-description every checkpoint
-    carries (backbone, classes, data config), so a checkpoint file loads on its own.
+    carries (backbone, classes, data config), so a checkpoint file loads on its own. `speed`:
+    SyncBatchNorm, channels-last and torch.compile, applied in ``setup`` once the plan is final.
     """
 
     def __init__(self, model: nn.Module, groups: LayerGroups, plan: Plan, schedule: Schedule, optim: Optim,
                  num_classes: int, *, phases: Phases = Phases(), mixer: Callable | None = None,
-                 mix_until_epoch: int | None = None, meta: dict | None = None):
+                 mix_until_epoch: int | None = None, meta: dict | None = None, speed: Speed = Speed()):
         super().__init__()
         self.model = model
+        self.speed = speed
+        self._compiled: Callable | None = None  # not a submodule: checkpoints keep the plain keys
         self.groups = groups
         self.schedule = schedule
         self.optim = optim
@@ -116,6 +146,10 @@ class ImageClassifier(pl.LightningModule):
         self.head_solver: Callable[[], "ProbeFit"] | None = None
         self.solved: dict | None = None
         self._val: list[torch.Tensor] = []
+        self._val_probs: list[torch.Tensor] = []
+        # One process: the last validation's probabilities (epoch, index, probs, labels), which the
+        # final report reuses when that epoch's weights are the best checkpoint's.
+        self.last_val: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.set_plan(plan)
 
     def set_plan(self, plan: Plan) -> None:
@@ -140,7 +174,37 @@ class ImageClassifier(pl.LightningModule):
             for m, mode in zip(body, modes):
                 m.train(mode)
             return self.model.get_classifier()(features)
+        if self.speed.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self._compiled is not None:
+            return self._run_compiled(x)
         return self.model(x)
+
+    def _run_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._compiled(x)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager network is the same math
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            log.warning("--compile: torch.compile failed (%s: %s); training eagerly from here on",
+                        type(exc).__name__, first)
+            self._compiled = None
+            return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        """After RankZeroDecides (a callback's setup) has set the final plan; before DDP wraps the
+        network and the optimizer is built."""
+        if self.speed.sync_bn and self.trainer.world_size > 1:
+            if self.trainer.strategy.root_device.type == "cpu":
+                log.warning("--sync-bn: SyncBatchNorm has no CPU kernel; each process keeps its own"
+                            " BatchNorm statistics")
+            else:
+                trained = set(self.groups.head) | {n for i in self.plan.trainable for n in self.groups.params[i]}
+                log.info("--sync-bn: %d BatchNorm layer(s) that train synchronise across %d processes",
+                         sync_trained_batchnorm(self.model, trained), self.trainer.world_size)
+        if self.speed.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.speed.compile and self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.model))  # unregistered: not in state_dict
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -212,18 +276,24 @@ class ImageClassifier(pl.LightningModule):
 
     # -- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val = []
+        self._val, self._val_probs = [], []
 
     def validation_step(self, batch, batch_idx):
         x, y, idx = batch
         logits = self(x).float()
         loss = F.cross_entropy(logits, y, reduction="none")
         correct = (logits.argmax(-1) == y).float()
-        self._val.append(torch.stack([idx.float(), loss, correct], dim=1))
+        self._val.append(torch.stack([idx.float(), loss, correct, y.float()], dim=1))
+        if self.trainer.world_size == 1:
+            self._val_probs.append(torch.softmax(logits, -1).detach())
 
     def on_validation_epoch_end(self) -> None:
-        rows = torch.cat(self._val) if self._val else torch.zeros(0, 3, device=self.device)
-        self._val = []
+        rows = torch.cat(self._val) if self._val else torch.zeros(0, 4, device=self.device)
+        if self._val_probs and not self.trainer.sanity_checking:
+            self.last_val = (self.current_epoch, rows[:, 0].long().cpu(), torch.cat(self._val_probs).cpu(),
+                             rows[:, 3].long().cpu())
+        self._val, self._val_probs = [], []
+        rows = rows[:, :3]
         if self.trainer.world_size > 1:
             # Samplers pad ranks to equal length with repeated samples: gather every rank's rows
             # and count each sample index once.

@@ -48,6 +48,7 @@ from transferkit.backbones.strategies import (DEFAULT_LAYER_DECAY, DEFAULT_LR, O
 from transferkit.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from transferkit.pipelines.data.datamodule import FeatureCache, FitDataModule
 from transferkit.pipelines.data.datasets import ImageDataset, Sample
+from transferkit.pipelines.data.decoded import DecodeRule, short_side_for
 from transferkit.pipelines.data.failures import FailureLog, Skipped, merge
 from transferkit.pipelines.data.features import extract, feature_batch, head_matches
 from transferkit.pipelines.data.folders import scan_folder, stratified_split
@@ -65,8 +66,9 @@ from transferkit.pipelines.rundir import RunDir, safe_load
 from transferkit.pipelines.settings import FitConfig, default_out
 from transferkit.pipelines.train.callbacks import RankZeroDecides
 from transferkit.pipelines.train.lr_find import find_lr
-from transferkit.pipelines.train.module import ImageClassifier, Optim, Phases
+from transferkit.pipelines.train.module import ImageClassifier, Optim, Phases, Speed
 from transferkit.pipelines.train.schedule import Schedule
+from transferkit.pipelines.train.timings import EpochClock, Timings
 from transferkit.pipelines.train.trainer import check_devices, launched_as_rank_zero, make_trainer
 
 log = logging.getLogger(__name__)
@@ -119,12 +121,13 @@ def default_workers() -> int:
 
 
 def fit(cfg: FitConfig, *, progress: bool = True, find_only: bool = False,
-        callbacks: Sequence[pl.Callback] = ()) -> dict | None:
+        callbacks: Sequence[pl.Callback] = (), started: float | None = None) -> dict | None:
     """Train and write the run directory ``cfg.out`` (default ``runs/<backbone>-<time>``); the
     report on rank 0, None on other ranks. Several backbones (``"a,b,c"``): ``advise.fit_best``.
     `find_only` (``transferkit lr-find``, with ``cfg.lr == "find"``): stop after the LR finder
     has written its plot and suggestion; the finding is returned. `callbacks`: more Lightning
-    callbacks for the Trainer (``transferkit search`` reports each epoch to Optuna with one)."""
+    callbacks for the Trainer (``transferkit search`` reports each epoch to Optuna with one).
+    `started`: when the command began (``time.time()``), for report.json's setup time; default now."""
     if "," in cfg.backbone:
         raise ConfigError(f"--backbone {cfg.backbone} names several backbones: fit them through"
                           " `advise.fit_best` (what `transferkit fit` and `transferkit.fit` do), which fits the best")
@@ -132,10 +135,11 @@ def fit(cfg: FitConfig, *, progress: bool = True, find_only: bool = False,
         cfg = cfg.replace(out=default_out(cfg.backbone))
     if find_only and cfg.lr != "find":
         raise ConfigError("lr-find sweeps the rate itself; drop --lr")
-    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress, find_only=find_only, callbacks=callbacks)
+    return _recipe(cfg, RunDir(cfg.out), saved=None, progress=progress, find_only=find_only, callbacks=callbacks,
+                   timings=Timings(started))
 
 
-def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
+def resume(run_dir: str | Path, *, progress: bool = True, started: float | None = None) -> dict | None:
     """Continue an interrupted run from its last complete epoch, with its own config and splits."""
     run = RunDir.open(run_dir)
     settings = run.read_config()["fit"]
@@ -156,19 +160,20 @@ def resume(run_dir: str | Path, *, progress: bool = True) -> dict | None:
         log.warning("%s is missing or incomplete; resuming from %s", run.checkpoint("last"), ckpt)
     for stale in run.checkpoints.glob(".*.tmp"):
         stale.unlink()  # a write cut short by a kill; the complete file it was replacing is intact
-    return _recipe(cfg, run, saved=run, progress=progress, ckpt=ckpt)
+    return _recipe(cfg, run, saved=run, progress=progress, ckpt=ckpt, timings=Timings(started))
 
 
-def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
+def _recipe(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool, timings: Timings,
             ckpt: Path | None = None, find_only: bool = False, callbacks: Sequence[pl.Callback] = ()) -> dict | None:
     try:
-        return _steps(cfg, run, saved=saved, progress=progress, ckpt=ckpt, find_only=find_only, callbacks=callbacks)
+        return _steps(cfg, run, saved=saved, progress=progress, ckpt=ckpt, find_only=find_only, callbacks=callbacks,
+                      timings=timings)
     finally:
         run.release()
 
 
 def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool, ckpt: Path | None,
-           find_only: bool = False, callbacks: Sequence[pl.Callback] = ()) -> dict | None:
+           timings: Timings, find_only: bool = False, callbacks: Sequence[pl.Callback] = ()) -> dict | None:
     t0 = time.monotonic()
     rank0 = launched_as_rank_zero()
     check_devices(cfg)
@@ -179,19 +184,24 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
         run.check_creatable(overwrite=cfg.overwrite)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    split = load_split(cfg, saved, quiet=not rank0)
+    with timings.phase("scan"):
+        split = load_split(cfg, saved, quiet=not rank0)
     backbone = load_backbone(cfg, split, saved)
     pixels = make_transforms(cfg, backbone.data_cfg, overrides)
-    plan, clean, lost = choose_plan(cfg, backbone, split, pixels, saved=saved, measure=rank0, progress=progress)
+    with timings.phase("advisor"):
+        plan, clean, lost = choose_plan(cfg, backbone, split, pixels, saved=saved, measure=rank0, progress=progress)
     split = split.without(lost)
     failures = FailureLog(run.failures, strict=cfg.strict)  # files that break from here on
     # only freeze and lp-ft read features (auto may turn out freeze, on a rank that has not measured)
     feature_ok = cfg.finetune in ("auto", "freeze", "lp-ft") and features_exact(cfg, backbone.model, split, pixels)
     solve = feature_ok and cfg.solved_head and solvable(cfg, backbone.model)
     schedule = make_schedule(cfg, plan, solve)
+    full_size_cfg = backbone.data_cfg
+    backbone = dataclasses.replace(backbone, data_cfg=decoded_config(cfg, plan, full_size_cfg))
     module = make_module(cfg, backbone, plan, schedule, split)
     module.phases = phases_for(plan, schedule, feature_ok, solve)
-    data = make_data(cfg, run, split, pixels, module, clean, failures, progress)
+    data = make_data(cfg, run, split, pixels, module, clean, failures, progress, timings)
+    data.set_decoding(DecodeRule(backbone.data_cfg.decode_short_side), cfg.decode_cache)
     module.head_solver = lambda: solve_head(cfg, data, split)
     finding = None
     if cfg.lr == "find" and saved is None:
@@ -213,21 +223,26 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
         module.schedule = make_schedule(cfg, d.plan, solve)  # a solved freeze head takes one epoch
         module.phases = phases_for(d.plan, module.schedule, feature_ok, solve)
         trainer.fit_loop.max_epochs = module.schedule.epochs
+        data.set_decoding(DecodeRule(decoded_config(cfg, d.plan, full_size_cfg).decode_short_side), cfg.decode_cache)
         data.run_path = Path(d.run_path)
         failures.folder = RunDir(d.run_path).failures
 
     trainer = make_trainer(cfg, run, schedule, first=[RankZeroDecides(Decision(plan, str(run.path)), decided)],
                            bn_loader=lambda: torch.utils.data.DataLoader(  # SWA's BatchNorm statistics only
-                               ImageDataset(split.train, pixels.eval, replace_failed=True,
+                               ImageDataset(split.train, pixels.eval, replace_failed=True, rule=data.train_ds.rule,
                                             stage="SWA batch-norm statistics", failures=failures),
                                batch_size=cfg.batch_size, num_workers=data.num_workers),
                            progress=progress)
-    trainer.callbacks.extend(callbacks)
+    trainer.callbacks.extend([EpochClock(timings), *callbacks])
+    timings.mark_setup_done()
+    t_fit, features_before = time.perf_counter(), timings.seconds["features"]
     train(trainer, module, data, run, ckpt_path=ckpt)
+    timings.add("training", time.perf_counter() - t_fit - timings.seconds["validation"]
+                - (timings.seconds["features"] - features_before))
     if not trainer.is_global_zero:
         return None
     return write_report(run, cfg, trainer, module, data, split, failures, backbone, time.monotonic() - t0,
-                        progress)
+                        progress, timings)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -272,6 +287,15 @@ def make_transforms(cfg: FitConfig, dc: factory.DataConfig, overrides: dict) -> 
     train_tf = train_transform(cfg.augment, size=size, mean=dc.mean, std=dc.std, interpolation=dc.interpolation,
                                **overrides)
     return Pixels(train_tf, eval_tf, describe_train(cfg.augment, **overrides))
+
+
+def decoded_config(cfg: FitConfig, plan: Plan, dc: factory.DataConfig) -> factory.DataConfig:
+    """The data config with the decode rule of ``--decode-cache`` (``auto``: on when the backbone
+    trains, so that epochs read images again). It travels in checkpoints: evaluation and predict
+    decode the way training did."""
+    if cfg.decode_cache == "off" or (cfg.decode_cache == "auto" and plan.strategy == "freeze"):
+        return dataclasses.replace(dc, decode_short_side=None)
+    return dataclasses.replace(dc, decode_short_side=short_side_for(dc.input_size[1:], dc.crop_pct))
 
 
 def choose_plan(cfg: FitConfig, backbone: Backbone, split: Split, pixels: Pixels, *, saved: RunDir | None,
@@ -394,7 +418,8 @@ def make_module(cfg: FitConfig, backbone: Backbone, plan: Plan, schedule: Schedu
     return ImageClassifier(backbone.model, backbone.groups, plan, schedule,
                            Optim(cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.label_smoothing,
                                  class_weights(cfg, split)), len(classes),
-                           mixer=mixer, mix_until_epoch=cfg.mixup_off_epoch or None, meta=meta)
+                           mixer=mixer, mix_until_epoch=cfg.mixup_off_epoch or None, meta=meta,
+                           speed=Speed(cfg.sync_bn, cfg.channels_last, cfg.compile))
 
 
 def class_weights(cfg: FitConfig, split: Split) -> tuple[float, ...] | None:
@@ -414,7 +439,7 @@ def checkpoint_meta(cfg: FitConfig, backbone: Backbone, classes: list[str]) -> d
 
 
 def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module: ImageClassifier,
-              clean: torch.Tensor | None, failures: FailureLog, progress: bool) -> FitDataModule:
+              clean: torch.Tensor | None, failures: FailureLog, progress: bool, timings: Timings) -> FitDataModule:
     workers = default_workers() if cfg.workers is None else cfg.workers
     batch = feature_batch(cfg.batch_size)
 
@@ -424,7 +449,7 @@ def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module:
         t = time.monotonic()
         folder = run_path / "cache" / f"rank{rank}"
         kw = dict(seed=cfg.seed, batch_size=batch, workers=workers, progress=progress, device=device,
-                  failures=failures)
+                  failures=failures, rule=data.train_ds.rule)
         train = extract(module.model, split.train, pixels.eval, views=cfg.cache_views, augment=pixels.train,
                         first_view=clean if clean is not None and rank == 0 else None,
                         cache_file=folder / "train.npy", desc="frozen features: train", **kw)
@@ -432,6 +457,7 @@ def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module:
                       desc="frozen features: val", **kw)
         log.info("cached frozen features of %d train images x %d view(s) and %d val images in %.1f s",
                  len(split.train), train.shape[0], len(split.val), time.monotonic() - t)
+        timings.add("features", time.monotonic() - t)
         bad = {e.path for e in failures.entries("feature cache")}
         rows = lambda samples: [i for i, s in enumerate(samples) if s.path not in bad] if bad else None  # noqa: E731
         return FeatureCache(train, val, rows(split.train), rows(split.val))
@@ -525,18 +551,32 @@ def _interrupted(run: RunDir, what: str) -> RunInterrupted:
 
 
 def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: ImageClassifier, data: FitDataModule,
-                 split: Split, failures: FailureLog, backbone: Backbone, seconds: float, progress: bool) -> dict:
+                 split: Split, failures: FailureLog, backbone: Backbone, seconds: float, progress: bool,
+                 timings: Timings) -> dict:
     """Evaluate the best checkpoint on val in one process; write report.json and the plots.
 
     A freeze run's cached val features stand in for the images: the same numbers (checked by
-    ``head_matches``) without another pass of the backbone.
+    ``head_matches``) without another pass of the backbone; other runs read val's decoded
+    pictures where the decode cache kept them.
     """
+    t_eval = time.perf_counter()
     best = run.checkpoint("best")
     if not best.exists():
         raise ConfigError(f"no checkpoint was written to {run.checkpoints}; train for at least one epoch")
-    module.load_state_dict(safe_load(best)["state_dict"])
+    saved = safe_load(best)
+    module.load_state_dict(saved["state_dict"])
     model = backbone.model
-    if module.plan.strategy == "freeze" and data.cache is not None:
+    # The last validation ran the best checkpoint's weights on every val image already (one
+    # process, full precision): its probabilities are the final evaluation's.
+    reuse = (module.last_val is not None and module.last_val[0] == saved.get("epoch")
+             and str(cfg.precision).startswith(("32", "64")) and trainer.world_size == 1)
+    if reuse:
+        _, index, probs_t, labels_t = module.last_val
+        index, probs, labels = index.numpy(), probs_t.numpy(), labels_t.numpy()
+        _, first = np.unique(index, return_index=True)
+        probs, labels, kept = probs[np.sort(first)], labels[np.sort(first)], index[np.sort(first)]
+        log.info("final evaluation: the best checkpoint is the last epoch's, whose validation is reused")
+    elif module.plan.strategy == "freeze" and data.cache is not None:
         rows = data.cache.val_rows if data.cache.val_rows is not None else list(range(len(split.val)))
         with torch.inference_mode():
             clf = model.eval().get_classifier().cpu()
@@ -546,13 +586,16 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
     else:
         # A file that breaks now is left out (its stand-in's row repeats an index; each index
         # counts once) and listed, not fatal.
-        loader = DataLoader(ImageDataset(split.val, data.val_ds.transform, replace_failed=True,
-                                         stage="final evaluation", failures=failures),
-                            batch_size=cfg.batch_size, num_workers=data.num_workers)
+        ds = ImageDataset(split.val, data.val_ds.transform, replace_failed=True, stage="final evaluation",
+                          failures=failures, rule=data.val_ds.rule)
+        ds.cache = data.val_ds.cache
+        loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=data.num_workers)
         probs, labels, index = predict_proba(model, loader, choose_device(cfg.accelerator),
                                              desc="evaluating best checkpoint", progress=progress)
         _, first = np.unique(index, return_index=True)
         probs, labels, kept = probs[np.sort(first)], labels[np.sort(first)], index[np.sort(first)]
+    timings.add("final_evaluation", time.perf_counter() - t_eval)
+    t_report = time.perf_counter()
     lost = failures.entries()
     if lost:
         log.warning("%d file(s) could not be read after the scan and were left out, e.g. %s (%s: %s); all are"
@@ -576,7 +619,7 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         "classes_balance": {"train_counts": dict(zip(split.classes, np.bincount(
             [s.label for s in split.train], minlength=len(split.classes)).tolist())),
             "class_weights": list(module.optim.class_weights or []) or None, "sampler": cfg.sampler},
-        "data_config": backbone.data_cfg.to_dict(),
+        "data_config": backbone.data_cfg.to_dict(), "decode_cache": data.decode_record(),
         "metrics": metrics,
     }
     rows = per_image_rows([str(split.val[i].path) for i in kept], probs, labels, split.classes)
@@ -597,5 +640,8 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
     plot_confusion(metrics["confusion_matrix"], split.classes, run.plots / "confusion.png",
                    title=f"val, best checkpoint: accuracy {metrics['accuracy']:.3f}")
     write_page(run)
+    timings.add("report", time.perf_counter() - t_report)
+    report["timings"] = timings.to_dict()  # written again, now that the report's own time is known
+    run.write_json(run.report, report)
     log.info("report written to %s", run.report)
     return report
