@@ -69,7 +69,7 @@ from transferkit.pipelines.train.lr_find import find_lr
 from transferkit.pipelines.train.module import ImageClassifier, Optim, Phases, Speed
 from transferkit.pipelines.train.schedule import Schedule
 from transferkit.pipelines.train.timings import EpochClock, Timings
-from transferkit.pipelines.train.trainer import check_devices, launched_as_rank_zero, make_trainer
+from transferkit.pipelines.train.trainer import check_devices, launched_as_rank_zero, make_trainer, share_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,7 @@ def _steps(cfg: FitConfig, run: RunDir, *, saved: RunDir | None, progress: bool,
                                batch_size=cfg.batch_size, num_workers=data.num_workers),
                            progress=progress)
     trainer.callbacks.extend([EpochClock(timings), *callbacks])
+    share_cpu_threads(trainer)
     timings.mark_setup_done()
     t_fit, features_before = time.perf_counter(), timings.seconds["features"]
     train(trainer, module, data, run, ckpt_path=ckpt)
@@ -520,12 +521,13 @@ def train(trainer: pl.Trainer, module: ImageClassifier, data: FitDataModule, run
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except SystemExit as exc:  # Lightning turns SIGINT into sys.exit(1) and SIGTERM into SIGTERMException
         if trainer.interrupted or isinstance(exc, SIGTERMException):
-            raise _interrupted(run, "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C") from None
+            raise _interrupted(run, "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C",
+                               trainer.world_size) from None
         raise
     except TrainingDiverged as exc:
         raise _diverged(run, exc) from None
     if trainer.interrupted:
-        raise _interrupted(run, "an interrupt")
+        raise _interrupted(run, "an interrupt", trainer.world_size)
 
 
 def _diverged(run: RunDir, exc: TrainingDiverged) -> TrainingDiverged:
@@ -540,14 +542,15 @@ def _diverged(run: RunDir, exc: TrainingDiverged) -> TrainingDiverged:
                             + ("" if finite else ", but they are not finite either"))
 
 
-def _interrupted(run: RunDir, what: str) -> RunInterrupted:
+def _interrupted(run: RunDir, what: str, world: int = 1) -> RunInterrupted:
     last = run.checkpoint("last")
     if not last.exists():
         return RunInterrupted(f"stopped by {what} before the first epoch finished; nothing to resume: run the"
                               " same `transferkit fit` command again, which reuses the folder")
     epoch = safe_load(last).get("epoch", 0) + 1
+    again = f" launched as before ({world} processes: on every machine, with the same launcher)" if world > 1 else ""
     return RunInterrupted(f"stopped by {what}; {last} holds the {epoch} complete epoch(s); continue with"
-                          f" `transferkit fit --resume {run.path}`")
+                          f" `transferkit fit --resume {run.path}`{again}")
 
 
 def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: ImageClassifier, data: FitDataModule,
@@ -609,7 +612,7 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "split": "val", "checkpoint": "best",
         "best_val_acc_during_training": float(mc.best_model_score) if mc.best_model_score is not None else None,
-        "epochs_trained": trainer.current_epoch,
+        "epochs_trained": trainer.current_epoch, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
         "stopped_early": bool(es and es.stopped_epoch > 0),
         "train_seconds": round(seconds, 1),
         "backbone": cfg.backbone, "classes": split.classes,

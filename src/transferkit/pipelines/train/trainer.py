@@ -25,17 +25,51 @@ def launched_as_rank_zero() -> bool:
 
 
 def check_devices(cfg: FitConfig) -> None:
-    """Let Lightning judge --accelerator/--devices/--precision before anything is written."""
+    """Let Lightning judge --accelerator/--devices/--precision before anything is written, and
+    check the processes a cluster's launcher started against --devices x --num-nodes."""
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     try:
-        pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices_arg, num_nodes=cfg.num_nodes,
-                   precision=cfg.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
+        trainer = pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices_arg, num_nodes=cfg.num_nodes,
+                             precision=cfg.precision, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
     except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as exc:  # tpu: no torch_xla
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --precision {cfg.precision}"
                           f" cannot run here: {first}") from None
+    check_launcher(cfg, trainer.num_devices, trainer.num_nodes)
+
+
+def check_launcher(cfg: FitConfig, devices: int, nodes: int) -> None:
+    """torchrun and srun start the processes themselves, and Lightning takes their number from
+    the environment; it compares it with devices x num_nodes only in its own launcher, which
+    these launches do not use. A launch that disagrees would train separate copies into one run
+    directory (with --devices 1, every process alone, each writing the same checkpoints, rows and
+    report), so it is refused here. `devices` and `nodes`: what Lightning made of the flags."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():  # Lightning's order: torchrun inside a SLURM job is torchrun's
+        env, launcher, fix = TorchElasticEnvironment(), "torchrun", "--nproc-per-node and --nnodes"
+    elif SLURMEnvironment.detect():
+        env, launcher, fix = SLURMEnvironment(), "SLURM", "--ntasks-per-node and --nodes"
+    else:
+        return
+    try:
+        env.validate_settings(num_devices=devices, num_nodes=nodes)
+        if env.world_size() != devices * nodes:
+            raise ValueError(f"it started {env.world_size()} process(es) and --devices x --num-nodes make"
+                             f" {devices} x {nodes}")
+    except ValueError as exc:
+        why = str(exc).strip().splitlines()[0].rstrip(".")
+        raise ConfigError(f"{launcher} launched this process, but --devices {cfg.devices} --num-nodes {cfg.num_nodes}"
+                          f" disagree with its {fix} ({why}); pass --devices and --num-nodes equal to them") from None
+
+
+def share_cpu_threads(trainer: pl.Trainer) -> None:
+    """Processes training on one machine's CPU share its cores (each would take them all, and two
+    processes on two cores then train about ten times slower); OMP_NUM_THREADS, where set, rules."""
+    if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices)))
 
 
 def experiment_loggers(cfg: FitConfig, run: RunDir) -> list:
