@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 
 import pytest
 import torch
@@ -27,6 +28,20 @@ def test_a_full_disk_keeps_the_old_file_and_names_the_path_and_the_cause(tmp_pat
     monkeypatch.setattr(rundir.os, "fsync", real_fsync)
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("interruptible", [False, True])
+def test_a_ctrl_c_during_a_write_waits_for_the_file_unless_the_write_is_interruptible(tmp_path, interruptible):
+    target = tmp_path / "rows.csv"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(target, "w", interruptible=interruptible) as f:
+            f.write("new")
+            os.kill(os.getpid(), signal.SIGINT)
+            f.write(" and more")
+    # held: delivered once the whole new file is in place; interruptible: the old file stays
+    assert target.read_text() == ("old" if interruptible else "new and more")
+    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_checkpoints_round_trip_and_a_folder_is_named_as_one(tmp_path):

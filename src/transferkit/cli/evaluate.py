@@ -1,6 +1,7 @@
 """`transferkit evaluate` and `transferkit predict`."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from transferkit.cli.common import Formatter as _Formatter
@@ -85,7 +86,9 @@ def add_predict(sub) -> None:
     p.add_argument("--merge", choices=("mean", "geometric", "max"), default=None,
                    help="how probabilities merge over views and models (default: the selected, else mean)")
     p.add_argument("--batch-size", type=int, default=32, help="views per forward pass (images x TTA views)")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=argparse.SUPPRESS,
+                   help="DataLoader workers that read the images (default: min(4, CPU count); none when the"
+                        " images fit one batch)")
     p.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")
     p.set_defaults(func=_cmd_predict)
 
@@ -94,7 +97,7 @@ def _cmd_predict(args) -> int:
     from transferkit.pipelines.evaluate.prediction import predict_paths
 
     out = predict_paths(args.run_dir, args.paths, args.out, top_k=args.top_k, checkpoint=args.checkpoint,
-                        batch_size=args.batch_size, workers=args.workers, progress=progress(),
+                        batch_size=args.batch_size, workers=getattr(args, "workers", None), progress=progress(),
                         tta=args.tta, ensemble=args.ensemble, merge=args.merge, accelerator=args.accelerator)
     print(f"predictions written to {out}")
     return 0

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +253,7 @@ def signals_deferred():
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs):
+def atomic_write(path: str | Path, mode: str = "wb", *, interruptible: bool = False, **open_kwargs):
     """Open a temporary file beside `path`; when the block ends, flush it to disk and rename it
     over `path`. Every file transferkit writes goes through here.
 
@@ -261,16 +261,24 @@ def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs):
     an interrupt during the write waits until the file is whole. A failed write leaves `path` as it
     was and raises a one-line error naming the path and the cause (a full disk, a read-only
     folder) instead of the writer's own.
+
+    `interruptible`: for a block that takes long (rows streamed in as they are computed), signals
+    are held only while the file is flushed and renamed; a Ctrl-C during the block abandons the
+    temporary file and leaves `path` as it was.
     """
     path = Path(path)
     if "b" not in mode:
         open_kwargs.setdefault("encoding", "utf-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with signals_deferred():
+    with ExitStack() as held:
+        if not interruptible:
+            held.enter_context(signals_deferred())
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, mode, **open_kwargs) as f:
                 yield f
+                if interruptible:
+                    held.enter_context(signals_deferred())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -7,7 +7,8 @@ import timm
 
 from transferkit.backbones.factory import resolve_data_config
 from transferkit.errors import ConfigError, DataError
-from transferkit.pipelines.evaluate.prediction import expand_inputs, predict_items, write_predictions
+from transferkit.pipelines.evaluate.prediction import (expand_inputs, predict_batches, predict_items,
+                                                       write_predictions)
 from transferkit.pipelines.evaluate.predictor import Predictor
 
 
@@ -38,3 +39,38 @@ def test_what_cannot_be_predicted_on_is_named(predictor):
         expand_inputs([3])
     with pytest.raises(ConfigError, match="--top-k 4 must be between 1 and the number of classes"):
         predict_items(predictor, [np.zeros((8, 8, 3), np.uint8)], ["a", "b", "c"], top_k=4, progress=False)
+
+
+def test_batches_come_one_loader_batch_at_a_time_under_a_bar_over_the_images(predictor, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.kwargs, self.n = kwargs, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    items = [np.full((20, 20, 3), v, np.uint8) for v in range(0, 250, 10)]
+    with pytest.raises(ConfigError, match="--top-k 0"):
+        predict_batches(predictor, items, ["a", "b", "c"], top_k=0)  # checked before any batch
+    batches = predict_batches(predictor, items, ["a", "b", "c"], top_k=2, batch_size=8, probabilities=False)
+    sizes = [len(rows) for rows in batches]
+    assert sizes == [8, 8, 8, 1]
+    (bar,) = bars
+    assert bar.kwargs["total"] == 25 and bar.kwargs["unit"] == "img" and bar.n == 25
+    rows = [r for rows in predict_batches(predictor, items, ["a", "b", "c"], top_k=2, progress=False,
+                                          probabilities=False) for r in rows]
+    assert "probabilities" not in rows[0]
+    assert rows == [{k: v for k, v in r.items() if k != "probabilities"}
+                    for r in predict_items(predictor, items, ["a", "b", "c"], top_k=2, progress=False)]

@@ -1,6 +1,7 @@
 """The default path of fit: --finetune auto from pretrained weights, through advisor, cache and report."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -68,6 +69,14 @@ def test_a_partial_fine_tune_decodes_once_and_evaluate_sees_the_same_pixels(colo
     evaluation = json.loads((out / "evaluation.json").read_text())
     plain = next(r for r in evaluation["results"] if r["tta"] == "plain" and r["ensemble"] == "none")
     assert plain["accuracy"] == report["accuracy"] and plain["nll"] == pytest.approx(report["metrics"]["nll"], abs=1e-5)
+    # predict, from the run and from a torchscript export, decodes the same way: the same probabilities
+    val = {r["path"]: float(r["probability"]) for r in csv.DictReader((out / "predictions-val.csv").open())}
+    assert main(["export", str(out), "--format", "torchscript", "--out", str(tmp_path / "ts")]) == 0
+    assert json.loads((tmp_path / "ts" / "transferkit-export.json").read_text())["preprocess"]["decode_short_side"] == 37
+    for source in (out, tmp_path / "ts"):
+        assert main(["predict", str(source), *val, "--out", str(tmp_path / "p.csv")]) == 0
+        got = {r["path"]: float(r["probability"]) for r in csv.DictReader((tmp_path / "p.csv").open())}
+        assert got == pytest.approx(val, abs=2e-6)
 
 
 def test_a_plan_saved_for_other_groups_is_refused_by_name():

@@ -75,6 +75,15 @@ class DecodeRule:
             rgb = rgb.resize(size, Image.BILINEAR)  # PIL's bilinear widens its support: antialiased
         return np.asarray(rgb)
 
+    def resize(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+        """An in-memory image brought to the rule's size, as ``load`` brings a file."""
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        size = self.target(*pil.size)
+        if size == pil.size:
+            return image
+        out = pil.resize(size, Image.BILINEAR)
+        return out if isinstance(image, Image.Image) else np.asarray(out)
+
     def shape(self, path: str | Path) -> tuple[int, int] | None:
         """The (height, width) ``load`` returns, read from the header alone; None if unreadable."""
         try:

@@ -5,7 +5,8 @@ checks, the backbone and its weights), ``scan``, ``advisor``, ``features`` (froz
 once), ``training`` and ``validation`` (inside ``trainer.fit``, told apart by ``EpochClock``),
 ``final_evaluation`` and ``report`` (report.json, per-image rows, plots, report.html).
 ``train_images_per_second`` counts the images of training batches over the time inside training
-epochs (from an epoch's start to its last batch), the number to compare with a hand-written loop.
+epochs (from an epoch's start to its last batch), the number to compare with a hand-written loop;
+``train_epochs`` has each epoch's seconds and images (the first epoch fills the decode cache).
 """
 from __future__ import annotations
 
@@ -37,8 +38,7 @@ class Timings:
     def __init__(self, started: float | None = None):
         self.started = time.time() if started is None else started
         self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-        self.train_images = 0
-        self.train_epoch_seconds = 0.0
+        self.epochs: list[tuple[float, int]] = []  # (seconds inside, images) of each training epoch
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] += seconds
@@ -59,8 +59,9 @@ class Timings:
     def to_dict(self) -> dict:
         out = {k: round(v, 2) for k, v in self.seconds.items()}
         out["total"] = round(time.time() - self.started, 2)
-        out["train_images_per_second"] = (round(self.train_images / self.train_epoch_seconds, 1)
-                                          if self.train_epoch_seconds > 0 else None)
+        seconds, images = sum(s for s, _ in self.epochs), sum(n for _, n in self.epochs)
+        out["train_images_per_second"] = round(images / seconds, 1) if seconds > 0 else None
+        out["train_epochs"] = [{"seconds": round(s, 2), "images": n} for s, n in self.epochs]
         return out
 
 
@@ -78,17 +79,19 @@ class EpochClock(pl.Callback):
     def __init__(self, timings: Timings):
         self.timings = timings
         self._epoch = self._last = self._val = 0.0
+        self._images = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch = self._last = time.perf_counter()
+        self._images = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._last = time.perf_counter()
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self.timings.train_images += int(len(x))
+        self._images += int(len(x))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.timings.train_epoch_seconds += self._last - self._epoch
+        self.timings.epochs.append((self._last - self._epoch, self._images))
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val = time.perf_counter()
