@@ -121,15 +121,22 @@ def test_the_cache_stays_in_memory_when_it_fits_and_moves_to_disk_or_off_when_no
 def test_the_second_epoch_reads_every_training_picture_from_the_cache(tmp_path):
     samples = [Sample(str(photo(tmp_path / f"{i}.jpg", 80, 64, seed=i)), i % 2) for i in range(8)]
     tf = train_transform("light", size=24)
-    dm = FitDataModule(samples[:6], samples[6:], tf, tf, batch_size=3, num_workers=2, run_path=tmp_path)
+    dm = FitDataModule(samples[:6], samples[6:], tf, tf, batch_size=3, num_workers=2, run_path=tmp_path,
+                       few_cores=True)
     dm.set_decoding(DecodeRule(28), "auto")
-    first = torch.cat([i for _, _, i in dm.train_dataloader()])
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2  # the workers decode, into the shared cache
+    first = torch.cat([i for _, _, i in loader])
     assert sorted(first.tolist()) == list(range(6))
     assert dm.decode_record()["kept"] == "memory" and dm.train_ds.cache.filled() == 6
     for s in samples[:6]:
         Path(s.path).unlink()  # what epoch 2 reads can only come from the cache
-    second = torch.cat([i for _, _, i in dm.train_dataloader()])
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 0  # every picture cached, the CPU few-cored: loaded in-process
+    second = torch.cat([i for _, _, i in loader])
     assert sorted(second.tolist()) == list(range(6))
+    dm.few_cores = False
+    assert dm.train_dataloader().num_workers == 2
     assert dm.train_ds.failures.entries() == []
     dm.set_decoding(DecodeRule(None), "auto")  # a full-size rule is never cached
     assert dm.decode_record()["kept"] is None and dm.train_ds.cache is None

@@ -28,13 +28,13 @@ def test_device_settings_that_cannot_run_are_one_line():
         check_devices(FitConfig.build({"precision": "12-bit", "accelerator": "cpu"}))
 
 
-def test_one_trainer_shards_itself_and_reloads_data_only_for_lp_ft(tmp_path):
+def test_one_trainer_shards_itself_and_asks_for_each_epochs_data(tmp_path):
     cfg = FitConfig.build({"epochs": 3, "patience": 2, "accelerator": "cpu"})
     first = RankZeroDecides(None, lambda d: None)
     plain = make_trainer(cfg, RunDir(tmp_path), Schedule(epochs=3), first=[first], bn_loader=None, progress=False)
     assert plain.callbacks[0] is first and plain.max_epochs == 3
     assert plain._accelerator_connector.use_distributed_sampler is False
-    assert plain.reload_dataloaders_every_n_epochs == 0
+    assert plain.reload_dataloaders_every_n_epochs == 1  # an epoch may read cached pictures in-process
     lpft = make_trainer(cfg, RunDir(tmp_path), Schedule(epochs=6, probe_epochs=3), first=[], bn_loader=None,
                         progress=False)
     assert lpft.max_epochs == 6 and lpft.reload_dataloaders_every_n_epochs == 1

@@ -147,9 +147,10 @@ class ImageClassifier(pl.LightningModule):
         self.solved: dict | None = None
         self._val: list[torch.Tensor] = []
         self._val_probs: list[torch.Tensor] = []
-        # One process: the last validation's probabilities (epoch, index, probs, labels), which the
-        # final report reuses when that epoch's weights are the best checkpoint's.
-        self.last_val: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # One process: validation probabilities (index, probs, labels) of the last epoch and of the
+        # best so far by val_acc, by epoch; the final report reuses the best checkpoint's epoch's.
+        self.val_outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._best_acc, self._best_epoch = -1.0, -1
         self.set_plan(plan)
 
     def set_plan(self, plan: Plan) -> None:
@@ -289,20 +290,29 @@ class ImageClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         rows = torch.cat(self._val) if self._val else torch.zeros(0, 4, device=self.device)
-        if self._val_probs and not self.trainer.sanity_checking:
-            self.last_val = (self.current_epoch, rows[:, 0].long().cpu(), torch.cat(self._val_probs).cpu(),
-                             rows[:, 3].long().cpu())
+        probs = torch.cat(self._val_probs).cpu() if self._val_probs and not self.trainer.sanity_checking else None
         self._val, self._val_probs = [], []
-        rows = rows[:, :3]
+        labels, rows = rows[:, 3].long().cpu(), rows[:, :3]
         if self.trainer.world_size > 1:
             # Samplers pad ranks to equal length with repeated samples: gather every rank's rows
             # and count each sample index once.
             rows = self.all_gather(rows).reshape(-1, 3)
         rows = first_per_index(rows)
         n = max(1, len(rows))
+        if probs is not None:
+            self._keep_val_outputs(rows[:, 0].long().cpu(), probs, labels, float(rows[:, 2].sum() / n))
         self.log("val_loss", rows[:, 1].sum() / n, prog_bar=False, rank_zero_only=False)
         self.log("val_acc", rows[:, 2].sum() / n, prog_bar=True, rank_zero_only=False)
         self.log("val_count", float(len(rows)), rank_zero_only=False)
+
+    def _keep_val_outputs(self, index: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, acc: float) -> None:
+        """Keep this epoch's outputs and those of the best epoch by val_acc (the best checkpoint's
+        rule: strictly better replaces), nothing older."""
+        epoch = self.current_epoch
+        if acc > self._best_acc:
+            self._best_acc, self._best_epoch = acc, epoch
+        self.val_outputs[epoch] = (index, probs, labels)
+        self.val_outputs = {e: v for e, v in self.val_outputs.items() if e in (epoch, self._best_epoch)}
 
     # -- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -466,7 +466,8 @@ def make_data(cfg: FitConfig, run: RunDir, split: Split, pixels: Pixels, module:
     data = FitDataModule(split.train, split.val, pixels.train, pixels.eval, batch_size=cfg.batch_size,
                          num_workers=workers, seed=cfg.seed, run_path=run.path,
                          reads_features=lambda epoch: module.phases.reads_features(epoch), build_cache=build_cache,
-                         failures=failures, balanced=cfg.sampler == "balanced")
+                         failures=failures, balanced=cfg.sampler == "balanced",
+                         few_cores=None if cfg.workers is None else False)  # --workers given: kept
     return data
 
 
@@ -569,16 +570,15 @@ def write_report(run: RunDir, cfg: FitConfig, trainer: pl.Trainer, module: Image
     saved = safe_load(best)
     module.load_state_dict(saved["state_dict"])
     model = backbone.model
-    # The last validation ran the best checkpoint's weights on every val image already (one
-    # process, full precision): its probabilities are the final evaluation's.
-    reuse = (module.last_val is not None and module.last_val[0] == saved.get("epoch")
-             and str(cfg.precision).startswith(("32", "64")) and trainer.world_size == 1)
-    if reuse:
-        _, index, probs_t, labels_t = module.last_val
-        index, probs, labels = index.numpy(), probs_t.numpy(), labels_t.numpy()
+    # Validation ran the best checkpoint's weights on every val image already (one process, full
+    # precision): that epoch's probabilities are the final evaluation's.
+    kept_val = module.val_outputs.get(saved.get("epoch", -1))
+    if kept_val is not None and str(cfg.precision).startswith(("32", "64")) and trainer.world_size == 1:
+        index, probs, labels = (t.numpy() for t in kept_val)
         _, first = np.unique(index, return_index=True)
         probs, labels, kept = probs[np.sort(first)], labels[np.sort(first)], index[np.sort(first)]
-        log.info("final evaluation: the best checkpoint is the last epoch's, whose validation is reused")
+        log.info("final evaluation: the validation of epoch %d, the best checkpoint's, is reused",
+                 saved["epoch"] + 1)
     elif module.plan.strategy == "freeze" and data.cache is not None:
         rows = data.cache.val_rows if data.cache.val_rows is not None else list(range(len(split.val)))
         with torch.inference_mode():

@@ -149,5 +149,5 @@ def make_trainer(cfg: FitConfig, run: RunDir, schedule: Schedule, *, first: list
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic="warn" if torch.cuda.is_available() else True,
         # Our samplers shard by rank (data/datamodule.py); lp-ft switches from features to images.
-        use_distributed_sampler=False, reload_dataloaders_every_n_epochs=1 if schedule.probe_epochs else 0,
+        use_distributed_sampler=False, reload_dataloaders_every_n_epochs=1,  # epochs may switch source (features, cached pictures)
     )
