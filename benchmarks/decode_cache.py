@@ -2,7 +2,8 @@
 
     python benchmarks/decode_cache.py [--datasets hymenoptera,breastmnist] [--seeds 0,1,2] [--epochs 6]
 
-A partial fine-tune (the real MobileNetV1 x0.25 of ../shared/weights, fit's defaults otherwise)
+A partial fine-tune (the real MobileNetV1 x0.25 of ../shared/weights, fit's defaults otherwise:
+DataLoader workers as fit chooses them)
 runs with the decode cache and without it for each dataset and seed, one after the other.
 Printed: each run's val accuracy, the seconds of epoch 1 and of epochs 2.. inside training
 (report.json's ``timings.train_epochs``), and the speed-up of epochs 2.. (off / cache). One
@@ -28,8 +29,7 @@ def run(data: Path, out: Path, seed: int, epochs: int, cache: str) -> dict:
 
     report = transferkit.fit(data, out=out, backbone="mobilenetv1_025",
                              backbone_plugin=str(SHARED / "weights" / "mobilenetv1_025.py"), finetune="partial",
-                             epochs=epochs, patience=0, seed=seed, decode_cache=cache, workers=2,
-                             progress=False).report
+                             epochs=epochs, patience=0, seed=seed, decode_cache=cache, progress=False).report
     epochs_ = report["timings"]["train_epochs"]
     return {"acc": report["accuracy"], "first": epochs_[0]["seconds"],
             "later": sum(e["seconds"] for e in epochs_[1:]), "kept": report["decode_cache"]["kept"]}
@@ -54,7 +54,7 @@ def main() -> int:
                     r = run(data, tmp / f"{name}-{seed}-{cache}", seed, args.epochs, cache)
                     results[(name, seed, cache)] = r
                     print(f"{name} seed {seed} --decode-cache {cache}: {json.dumps(r)}", flush=True)
-    print(f"\npartial fine-tune, mobilenetv1_025, {args.epochs} epochs, 2 workers")
+    print(f"\npartial fine-tune, mobilenetv1_025, {args.epochs} epochs, fit's default workers")
     print("| data | seed | val acc cache / off | epoch 1 s cache / off | epochs 2.. s cache / off | speed-up 2.. |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.datasets.split(","):

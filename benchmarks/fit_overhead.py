@@ -6,8 +6,10 @@ For each strategy (partial, full) and each repeat, three commands run one after 
 file caches, alternating): the hand loop (``--hand``: this file, ~60 lines of torch DataLoader,
 torchvision transforms equal to fit's default preset, AdamW with fit's per-group rates, warmup
 then cosine per step, label smoothing, validation every epoch), ``transferkit fit`` with its
-defaults, and ``transferkit fit --decode-cache off``. Both sides train the real MobileNetV1 x0.25
-of ../shared/weights with 2 DataLoader workers and batch 32. Printed: medians of whole-command
+defaults (but ``--patience 0``: the same number of epochs as the loop), and ``transferkit fit
+--decode-cache off``. Both sides train the real MobileNetV1 x0.25
+of ../shared/weights with batch 32; the hand loop's DataLoader has ``--workers`` (2, fit's default
+on two cores), fit decides its own. Printed: medians of whole-command
 wall time and of training throughput (images/s inside training epochs, from an epoch's start to
 its last batch), and the ratios hand / fit (>= 1.0: fit is at least as fast).
 """
@@ -142,7 +144,7 @@ def main() -> int:
                     out = tmp / f"{name.replace(' ', '_')}-{strategy}-{r}"
                     wall = timed(cli + ["fit", str(args.data), "--backbone", "mobilenetv1_025", "--backbone-plugin",
                                         str(PLUGIN), "--finetune", strategy, "--epochs", str(args.epochs),
-                                        "--workers", str(args.workers), "--out", str(out), *extra], env)
+                                        "--patience", "0", "--out", str(out), *extra], env)
                     rep = json.loads((out / "report.json").read_text())
                     runs[name].append({"wall": wall, "rate": rep["timings"]["train_images_per_second"],
                                        "acc": rep["accuracy"], "timings": rep["timings"]})
@@ -156,8 +158,8 @@ def main() -> int:
             rows.append((strategy, "hand loop", med["hand"], 1.0, 1.0))
             last = runs["fit"][-1]["timings"]
             print(f"{strategy}: fit's last timings: " + ", ".join(f"{k} {v}" for k, v in last.items()), flush=True)
-    print(f"\nhymenoptera-style data {args.data.name}, mobilenetv1_025, {args.epochs} epochs, batch 32, "
-          f"{args.workers} workers, medians of {args.repeats}")
+    print(f"\n{args.data.name}, mobilenetv1_025, {args.epochs} epochs, batch 32, hand loop with {args.workers}"
+          f" workers, medians of {args.repeats}")
     print(f"| strategy | command | wall s | train img/s | val acc | wall ratio (hand / this) | throughput ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for strategy, name, m, wall_ratio, rate_ratio in rows:

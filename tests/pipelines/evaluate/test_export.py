@@ -109,8 +109,8 @@ def test_predict_from_the_onnx_folder_writes_the_runs_csv(run, tmp_path):
 def test_predicting_from_an_export_stays_light(run, tmp_path):
     r, data = run
     out = export_run(r.path, "onnx", out=tmp_path / "light")
-    code = (f"import sys\nfrom transferkit.pipelines.evaluate.prediction import predict_paths\n"
-            f"predict_paths({str(out)!r}, [{str(data)!r}], {str(tmp_path / 'p.csv')!r}, progress=False)\n"
+    code = (f"import sys\nfrom transferkit.cli.main import main\n"  # `transferkit predict EXPORT DATA`, as typed
+            f"assert main(['predict', {str(out)!r}, {str(data)!r}, '--out', {str(tmp_path / 'p.csv')!r}]) == 0\n"
             "heavy = [m for m in ('pytorch_lightning', 'lightning', 'sklearn', 'matplotlib', 'nlpaug') if m in sys.modules]\n"
             "print('HEAVY', heavy)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
