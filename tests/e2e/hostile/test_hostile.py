@@ -358,6 +358,8 @@ def _break_at(monkeypatch, stage: str, victim: Path) -> None:
         return real(self, i)
 
     monkeypatch.setattr(ImageDataset, "_load", load)
+    if stage == "final evaluation":  # the report evaluates best.ckpt only where no validation output is kept
+        monkeypatch.setattr(ImageClassifier, "_keep_val_outputs", lambda self, *a: None)
 
 
 def _stage_argv(data: Path, out: Path, settings: list[str], weights: Path) -> list[str]:
@@ -371,8 +373,6 @@ def test_a_file_that_breaks_at_a_stage_is_listed_with_it_and_the_run_finishes(st
     data = _presplit(tmp_path / "data")
     victim, out = data / rel, tmp_path / "run"
     _break_at(monkeypatch, stage, victim)
-    if stage == "final evaluation":  # the report evaluates best.ckpt only where no validation output is kept
-        monkeypatch.setattr(ImageClassifier, "_keep_val_outputs", lambda self, *a: None)
     assert main(_stage_argv(data, out, settings, weights)) == 0
     assert rows(out / "skipped.csv") == [{"path": str(victim), "stage": stage, "reason": "broken pixels"}]
     report = json.loads((out / "report.json").read_text())

@@ -20,6 +20,8 @@ from PIL import Image
 from _cli import error_line as _error_line
 from _cli import rows as _rows
 from transferkit.cli.main import main
+from transferkit.pipelines.data.decoded import DecodeRule
+from transferkit.pipelines.train.module import ImageClassifier
 
 FAST = ["--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
         "--batch-size", "8", "--patience", "0"]
@@ -225,6 +227,14 @@ def _break_load(monkeypatch, path: str) -> None:
 
     monkeypatch.setattr(data_module, "load_rgb", load)
     monkeypatch.setattr(prediction_module, "load_rgb", load)
+    real_rule = DecodeRule.load  # a run trained from its decode cache decodes through its rule
+
+    def load_by_rule(self, p):
+        if str(p) == path:
+            raise OSError("image file is truncated (12 bytes not processed)")
+        return real_rule(self, p)
+
+    monkeypatch.setattr(DecodeRule, "load", load_by_rule)
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
@@ -286,7 +296,10 @@ def test_a_val_file_that_breaks_before_the_final_evaluation_is_listed_and_the_ru
         return real_report(run, *args, **kwargs)
 
     monkeypatch.setattr(recipe, "write_report", break_then_report)
-    assert main(["fit", str(data), "--out", str(out), "--epochs", "1", "--finetune", "full", *FAST]) == 0
+    # the final evaluation reads the files only where neither validation outputs nor decoded pictures are kept
+    monkeypatch.setattr(ImageClassifier, "_keep_val_outputs", lambda self, *a: None)
+    assert main(["fit", str(data), "--out", str(out), "--epochs", "1", "--finetune", "full", "--decode-cache", "off",
+                 *FAST]) == 0
     victim = _rows(out / "splits" / "val.csv")[1]["path"]
     skipped = {r["path"]: (r["stage"], r["reason"]) for r in _rows(out / "skipped.csv")}
     assert skipped[victim] == ("final evaluation", "image file is truncated (12 bytes not processed)")
