@@ -110,8 +110,7 @@ def main() -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="gpu-throughput-") as tmp:
         res = Path(tmp) / "hand.json"
-        argv = [a for a in sys.argv[1:]]
-        subprocess.run([sys.executable, __file__, *argv, "--hand", str(res)], check=True)
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--hand", str(res)], check=True)
         hand_rate = json.loads(res.read_text())["images_per_second"]
         fit = fit_rate(args, Path(tmp) / "fit")
     flags = f"{args.precision}" + (", channels-last" if args.channels_last else "") + (", compile" if args.compile else "")

@@ -97,10 +97,6 @@ class DecodeRule:
         return (w, h) if turned else (h, w)
 
 
-def full_size() -> DecodeRule:
-    return DecodeRule(None)
-
-
 class DecodeCache:
     """The decoded pictures of ``paths`` under ``rule``, filled on first read (see the module)."""
 
@@ -193,7 +189,8 @@ def where_to_keep(mode: str, nbytes: int, folder: Path, workers: int) -> str:
         return "memory"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        fs = os.statvfs(folder)
+        free = fs.f_bavail * fs.f_frsize
     except OSError:
         free = 0
     if free >= nbytes + (1 << 30):
